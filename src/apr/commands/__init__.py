@@ -1,0 +1,1 @@
+"""One module per `apr` subcommand: `setup_parser(p)` and `main(args)`."""

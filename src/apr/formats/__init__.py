@@ -1,0 +1,1 @@
+"""Model file formats: GGUF (read via the `gguf` package) and apr's native `.apr`."""

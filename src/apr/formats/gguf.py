@@ -1,0 +1,192 @@
+"""GGUF reading with the `gguf` package: metadata as plain Python, ModelConfig, raw tensors.
+
+Tensors are returned raw (quantized blocks, memory-mapped); `apr.quant` turns them into weights.
+Every way a file can be broken ends in BadModelFile with one line, never a numpy/struct traceback.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apr.errors import BadModelFile
+from apr.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class RawTensor:
+    name: str
+    qtype: int  # ggml type id (gguf.GGMLQuantizationType)
+    shape: tuple[int, ...]  # torch order: (rows, cols) = reversed GGUF ne
+    data: np.ndarray  # uint8 (or float) view of the stored bytes, memory-mapped
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, RawTensor]
+
+
+# GGUF value types -> struct format (gguf.GGUFValueType ids)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+_MAX_COUNT = 1 << 28  # no honest GGUF has more entries than this; a hostile count must not allocate
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the file's bytes.
+
+    The `gguf` package's reader builds a numpy object per string (about 17 s for a 150k-token vocabulary);
+    this reads the same header in well under a second.
+    """
+
+    def __init__(self, buf: memoryview, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise BadModelFile(f"{self.path}: truncated GGUF header (wanted {n} bytes at offset {self.pos})")
+        view = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return view
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def count(self) -> int:
+        n = self.scalar("<Q")
+        if n > _MAX_COUNT:
+            raise BadModelFile(f"{self.path}: implausible count {n} at offset {self.pos - 8}")
+        return n
+
+    def string(self) -> str:
+        return bytes(self.take(self.count())).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            sub, n = self.scalar("<I"), self.count()
+            if sub == _STRING:
+                return [self.string() for _ in range(n)]
+            if sub in _NUMPY:
+                dt = np.dtype(_NUMPY[sub])
+                return np.frombuffer(self.take(n * dt.itemsize), dtype=dt).tolist()
+            return [self.value(sub) for _ in range(n)]
+        raise BadModelFile(f"{self.path}: unknown GGUF value type {vtype} at offset {self.pos}")
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    path = Path(path)
+    try:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise BadModelFile(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if data[:4].tobytes() != GGUF_MAGIC:
+        raise BadModelFile(f"{path} is not a GGUF file (magic {data[:4].tobytes()!r})")
+    cur = _Cursor(memoryview(data), path)
+    cur.take(4)
+    version = cur.scalar("<I")
+    if version not in (2, 3):
+        raise BadModelFile(f"{path}: unsupported GGUF version {version}")
+    n_tensors, n_kv = cur.count(), cur.count()
+    metadata: dict[str, Any] = {"GGUF.version": version}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.scalar("<I")
+        if not 1 <= n_dims <= 4:
+            raise BadModelFile(f"{path}: tensor {name} has {n_dims} dimensions")
+        ne = [cur.scalar("<Q") for _ in range(n_dims)]
+        infos.append((name, ne, cur.scalar("<I"), cur.scalar("<Q")))
+    align = int(metadata.get("general.alignment", 32) or 32)
+    start = (cur.pos + align - 1) // align * align
+    return GGUFFile(path, metadata, _tensors(data, infos, start, path))
+
+
+def _tensors(data: np.ndarray, infos: list, start: int, path: Path) -> dict[str, RawTensor]:
+    from gguf import GGML_QUANT_SIZES
+
+    tensors = {}
+    for name, ne, qtype, offset in infos:
+        if qtype not in GGML_QUANT_SIZES:
+            raise BadModelFile(f"{path}: tensor {name} has unknown ggml type {qtype}")
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if any(d <= 0 or d > _MAX_COUNT for d in ne) or ne[0] % block:
+            raise BadModelFile(f"{path}: tensor {name} has a bad shape {ne} for its type")
+        n_bytes = ne[0] // block * type_size * int(np.prod(ne[1:], dtype=np.int64))
+        begin = start + offset
+        if begin + n_bytes > len(data):
+            raise BadModelFile(f"{path}: tensor {name} runs past the end of the file (truncated?)")
+        shape = tuple(int(d) for d in reversed(ne))  # torch order: rows first
+        tensors[name] = RawTensor(name, int(qtype), shape, data[begin : begin + n_bytes])
+    return tensors
+
+
+def _get(meta: dict, key: str, default: Any = ..., kind=None):
+    if key not in meta:
+        if default is ...:
+            raise BadModelFile(f"GGUF metadata lacks '{key}'")
+        return default
+    value = meta[key]
+    if kind is not None:
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise BadModelFile(f"GGUF metadata '{key}' has a bad value: {value!r}") from None
+    return value
+
+
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    meta = g.metadata
+    arch = _get(meta, "general.architecture", kind=str)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise BadModelFile(f"unsupported architecture '{arch}' (apr runs: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    n_heads = _get(meta, f"{arch}.attention.head_count", kind=int)
+    dim = _get(meta, f"{arch}.embedding_length", kind=int)
+    if n_heads <= 0 or dim <= 0 or dim % n_heads:
+        raise BadModelFile(f"bad head count {n_heads} for embedding length {dim}")
+    n_kv = _get(meta, f"{arch}.attention.head_count_kv", n_heads, kind=int)
+    if n_kv <= 0 or n_heads % n_kv:
+        raise BadModelFile(f"bad kv head count {n_kv} for {n_heads} heads")
+    head_dim = _get(meta, f"{arch}.attention.key_length", dim // n_heads, kind=int)
+    if "token_embd.weight" not in g.tensors:
+        raise BadModelFile("GGUF has no token_embd.weight tensor")
+    vocab = g.tensors["token_embd.weight"].shape[0]
+    cfg = ModelConfig(
+        architecture=arch,
+        n_layers=_get(meta, f"{arch}.block_count", kind=int),
+        dim=dim,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        ffn_dim=_get(meta, f"{arch}.feed_forward_length", kind=int),
+        vocab_size=vocab,
+        context_length=_get(meta, f"{arch}.context_length", 2048, kind=int),
+        rope_theta=_get(meta, f"{arch}.rope.freq_base", 10000.0, kind=float),
+        norm_eps=_get(meta, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6, kind=float),
+        rope_interleaved=arch == "llama",
+        qkv_bias="blk.0.attn_q.bias" in g.tensors,
+        tied_embeddings="output.weight" not in g.tensors,
+    )
+    if cfg.n_layers <= 0 or cfg.ffn_dim <= 0:
+        raise BadModelFile(f"bad layer count {cfg.n_layers} or ffn size {cfg.ffn_dim}")
+    return cfg
