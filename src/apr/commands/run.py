@@ -1,0 +1,59 @@
+"""`apr run MODEL --prompt TEXT`: generate and stream the answer (or print one JSON object)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from apr.commands._common import add_model_args, add_sampling_args, load, sampling_kwargs
+
+
+def setup_parser(p):
+    add_model_args(p)
+    p.add_argument("--prompt", "-p", default=None, help="the prompt (default: read standard input)")
+    p.add_argument("--system", default=None, help="system message (chat mode)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the prompt in the model's chat template (default for instruct models)")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as is")
+    add_sampling_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
+
+
+def main(args):
+    from apr.generate import stream_generate
+
+    t0 = time.perf_counter()
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    lm = load(args, quiet=args.json or args.quiet)
+    result = None
+    for r in stream_generate(lm, prompt, chat=args.chat, system=args.system, **sampling_kwargs(args)):
+        if not args.json and r.text:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+        result = r.result or result
+    wall = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(report(lm, result, wall)))
+        return 0
+    sys.stdout.write("\n")
+    if not args.quiet:
+        print(f"[{lm.backend} {lm.dtype}] prompt {len(result.prompt_tokens)} tok at {result.prefill_tok_s:.1f} tok/s, "
+              f"generated {result.tokens_generated} tok at {result.decode_tok_s:.1f} tok/s, "
+              f"stop: {result.stop_reason}, load {lm.load_s:.2f}s, wall {wall:.2f}s", file=sys.stderr)
+    return 0
+
+
+def report(lm, result, wall: float) -> dict:
+    return {
+        "model": str(lm.path), "model_sha256": lm.sha256,
+        "prompt_tokens": len(result.prompt_tokens), "prompt_ids": result.prompt_tokens,
+        "rendered_prompt": result.rendered_prompt,
+        "tokens": result.tokens, "text": result.text, "tokens_generated": result.tokens_generated,
+        "stop_reason": result.stop_reason,
+        "prefill_tok_s": round(result.prefill_tok_s, 3), "decode_tok_s": round(result.decode_tok_s, 3),
+        "load_s": round(lm.load_s, 3), "wall_s": round(wall, 3),
+        "backend": lm.backend, "dtype": lm.dtype, "backend_chain": lm.backend_chain,
+    }

@@ -1,0 +1,45 @@
+"""`apr tokenize MODEL TEXT`: the token ids of a text (optionally after the chat template)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def setup_parser(p):
+    p.add_argument("model", metavar="MODEL", help="registry name or path to a .gguf file")
+    p.add_argument("text", metavar="TEXT", help="text to tokenize ('-' reads stdin)")
+    p.add_argument("--chat", action="store_true", help="render TEXT as a user message through the chat template first")
+    p.add_argument("--json", action="store_true", help="print JSON: ids, tokens, count (and rendered with --chat)")
+
+
+def load_tokenizer(spec: str):
+    """The Tokenizer of a MODEL argument (registry name or file path)."""
+    from apr.errors import BadModelFile
+    from apr.formats.gguf import read_gguf
+    from apr.hub import resolve_model
+    from apr.tokenizer import Tokenizer
+
+    path = resolve_model(spec)
+    if path.suffix == ".apr":
+        raise BadModelFile(f"{path}: apr tokenize reads GGUF files only for now")
+    return path, Tokenizer.from_metadata(read_gguf(path).metadata)
+
+
+def main(args):
+    text = sys.stdin.read() if args.text == "-" else args.text
+    path, tok = load_tokenizer(args.model)
+    rendered = None
+    if args.chat:
+        # A prompt that already carries the template is not wrapped twice.
+        rendered = text if tok.is_templated(text) else tok.render_chat([{"role": "user", "content": text}])
+    # Like transformers' apply_chat_template(tokenize=True): the template writes any BOS itself.
+    ids = tok.encode(rendered, add_bos=False) if args.chat else tok.encode(text)
+    if args.json:
+        out = {"model": str(path), "ids": ids, "tokens": [tok.id_to_token(i) for i in ids], "count": len(ids)}
+        if args.chat:
+            out["rendered"] = rendered
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        print(" ".join(map(str, ids)))
+    return 0

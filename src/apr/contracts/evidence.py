@@ -1,0 +1,169 @@
+"""Evidence folders for `pv discharge`: facts about the run, extracted artifacts, atomic placement.
+
+A folder `evidence/<id>-<YYYY-MM-DD>[-N]/` is built in a hidden temp folder next to its final place and
+renamed into place in one step, so a reader never sees half an evidence folder and an existing folder is
+never overwritten (the next free N is taken instead).
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import errno
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import apr
+
+EVIDENCE_FILE = "discharge-evidence-v1.json"
+MAX_INLINE = 1 << 20  # bytes of stdout kept inside the JSON; the full text is in stdout.txt
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def today() -> str:
+    """The date in evidence folder names (UTC, so two hosts agree); tests patch this."""
+    return now().date().isoformat()
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} threads)"
+
+
+def gpu_name() -> str | None:
+    # nvidia-smi answers in milliseconds; importing torch here would cost seconds for one string
+    if not shutil.which("nvidia-smi"):
+        return None
+    names = _run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"])
+    return ", ".join(n.strip() for n in names.splitlines()) if names else None
+
+
+def git_commit() -> str | None:
+    """The commit of the apr source that ran the check (None for an installed wheel)."""
+    return _run(["git", "rev-parse", "HEAD"], cwd=Path(apr.__file__).resolve().parent)
+
+
+def run_facts() -> dict:
+    return {
+        "host": platform.node(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "gpu": gpu_name(),
+        "apr_version": apr.__version__,
+        "git_commit": git_commit(),
+    }
+
+
+def backend_chain(doc: dict) -> list[str]:
+    chain = doc.get("backend_chain", doc.get("backend"))
+    if isinstance(chain, str):
+        return [chain]
+    if isinstance(chain, list):
+        return [str(x) for x in chain]
+    return []
+
+
+def _own_ast_summary(code: str) -> dict:
+    """Same shape as apr.evals.code.ast_summary, for when that module is not there."""
+    try:
+        nodes = list(ast.walk(ast.parse(code)))
+    except (SyntaxError, ValueError) as e:  # ValueError: a NUL byte in the source
+        return {"ok": False, "error": {"msg": getattr(e, "msg", str(e)), "line": getattr(e, "lineno", None)},
+                "node_count": 0, "functions": [], "classes": []}
+    return {"ok": True, "error": None, "node_count": len(nodes),
+            "functions": [n.name for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))],
+            "classes": [n.name for n in nodes if isinstance(n, ast.ClassDef)]}
+
+
+def ast_summary(code: str) -> dict:
+    """apr.evals.code.ast_summary when that module exists, else a small ast.parse-based summary."""
+    try:
+        from apr.evals.code import ast_summary as apr_summary
+
+        summary = apr_summary(code)
+        json.dumps(summary)
+        return summary if isinstance(summary, dict) else {"summary": summary}
+    except Exception:  # missing module, or a summary we cannot store: fall back, never fail a discharge
+        return _own_ast_summary(code)
+
+
+def extracted_files(doc: dict) -> dict[str, str]:
+    """Artifacts a person wants to read: the completion (`text`, else `code`) and an AST summary of
+    the code (`code`, else `text`)."""
+    text = doc.get("text") if isinstance(doc.get("text"), str) else None
+    code = doc.get("code") if isinstance(doc.get("code"), str) else None
+    if text is None and code is None:
+        return {}
+    return {
+        "completion.txt": text if text is not None else code,
+        "ast-summary.json": json.dumps(ast_summary(code if code is not None else text), indent=2) + "\n",
+    }
+
+
+def folder_name(cid: str, date: str, n: int) -> str:
+    return f"{cid}-{date}" if n == 1 else f"{cid}-{date}-{n}"
+
+
+def next_free(root: Path, cid: str, date: str) -> str:
+    n = 1
+    while (root / folder_name(cid, date, n)).exists():
+        n += 1
+    return folder_name(cid, date, n)
+
+
+def write_folder(root: Path, cid: str, date: str, build: Callable[[str], dict[str, str]]) -> Path:
+    """Write `build(evidence_id)`'s files into a temp folder and rename it to the next free name.
+
+    The id is part of the evidence JSON, so when another discharge takes the name between our check
+    and our rename, the files are rebuilt for the next name.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        name = next_free(root, cid, date)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+        try:
+            for fname, content in build(name).items():
+                (tmp / fname).write_text(content, encoding="utf-8")
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700; evidence is meant to be read
+            if _rename_new(tmp, root / name):
+                return root / name
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    raise OSError(f"could not find a free evidence folder name for {cid} in {root}")
+
+
+def _rename_new(src: Path, dst: Path) -> bool:
+    """Rename unless `dst` exists (then False, and the caller takes the next name)."""
+    if dst.exists():
+        return False
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True

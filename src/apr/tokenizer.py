@@ -1,0 +1,267 @@
+"""Byte-level BPE tokenizers built from GGUF metadata with HF `tokenizers`.
+
+A GGUF carries no tokenizer.json: only tokens, merges, token types and `tokenizer.ggml.pre`,
+llama.cpp's name for the pre-tokenizer family. We rebuild each family's pre-tokenizer as the
+family's own HF tokenizer.json (and llama.cpp) define it. Where transformers' GGUF loader is
+known to differ, the difference is noted at the family below.
+"""
+
+from __future__ import annotations
+
+import codecs
+from functools import cached_property, lru_cache
+
+from apr.chat_template import ChatTemplate
+from apr.errors import BadModelFile
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+# GPT-2's split, used by ByteLevel(use_regex=True).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Names of tokens that end a turn or a document in the families we serve.
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|end|>")
+
+
+def _split_then_bytes(pattern: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+
+
+def _qwen2():
+    # Qwen2's tokenizer.json NFC-normalizes; transformers' GGUF loader drops that normalizer,
+    # so it differs on non-NFC input (e.g. "e\u0301"). We keep the family's NFC.
+    from tokenizers import normalizers
+
+    return normalizers.NFC(), _split_then_bytes(_QWEN2_SPLIT), False
+
+
+def _smollm():
+    # SmolLM (StarCoder-style) isolates every digit before the GPT-2 split, as its tokenizer.json
+    # (Digits(individual_digits) + ByteLevel) and llama.cpp do. transformers' GGUF loader uses
+    # plain GPT-2 ByteLevel here, so it differs when 2+ whitespace chars precede a digit.
+    from tokenizers import pre_tokenizers
+
+    seq = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    return None, pre_tokenizers.Sequence(seq), False
+
+
+def _llama_bpe():
+    # Llama 3's tokenizer.json sets ignore_merges: a pre-token found whole in the vocab is used as is.
+    return None, _split_then_bytes(_LLAMA3_SPLIT), True
+
+
+def _gpt2():
+    from tokenizers import pre_tokenizers
+
+    return None, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False
+
+
+# tokenizer.ggml.pre -> () -> (normalizer, pre_tokenizer, ignore_merges)
+PRE_TOKENIZERS = {"qwen2": _qwen2, "smollm": _smollm, "llama-bpe": _llama_bpe, "gpt2": _gpt2}
+
+
+@lru_cache(maxsize=1)
+def _byte_maps() -> tuple[dict[int, str], dict[str, int]]:
+    """GPT-2's reversible byte <-> printable-char map that byte-level vocabularies are spelled in."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars, {c: b for b, c in chars.items()}
+
+
+def _meta(meta: dict, key: str, default=None):
+    return meta.get(f"tokenizer.ggml.{key}", default)
+
+
+def _check(meta: dict) -> tuple[list[str], list[str], dict[int, int]]:
+    """(tokens, merges, {id: type} of the control and user-defined tokens), or BadModelFile."""
+    model = _meta(meta, "model")
+    if model != "gpt2":
+        raise BadModelFile(f"tokenizer model '{model}' is not supported (apr reads byte-level BPE: 'gpt2')")
+    pre = _meta(meta, "pre")
+    if pre not in PRE_TOKENIZERS:
+        raise BadModelFile(f"unknown tokenizer pre-tokenizer '{pre}' (apr knows: {', '.join(PRE_TOKENIZERS)})")
+    tokens, merges = _meta(meta, "tokens"), _meta(meta, "merges")
+    if not tokens or merges is None:
+        raise BadModelFile("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    types = _meta(meta, "token_type") or []
+    if types and len(types) != len(tokens):
+        raise BadModelFile(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
+    marked = {i: k for i, k in enumerate(types) if k == CONTROL or k == USER_DEFINED}
+    return tokens, merges, marked
+
+
+def _special_id(meta: dict, key: str, n: int) -> int | None:
+    i = _meta(meta, f"{key}_token_id")
+    if i is None:
+        return None
+    if not 0 <= int(i) < n:
+        raise BadModelFile(f"tokenizer.ggml.{key}_token_id {i} is outside the vocabulary ({n} tokens)")
+    return int(i)
+
+
+class StreamDecoder:
+    """Turns ids arriving one by one into text, never emitting half a UTF-8 character."""
+
+    def __init__(self, tok: "Tokenizer", skip_special_tokens: bool = False):
+        self._tok, self._skip = tok, skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """The text completed by this id ("" while a character is still incomplete)."""
+        if self._skip and token_id in self._tok.special_ids:
+            return ""
+        return self._utf8.decode(self._tok.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Whatever is left at the end (an unfinished character decodes as U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+class Tokenizer:
+    """Encode/decode and chat templates of a GGUF model. Build with `Tokenizer.from_metadata`."""
+
+    def __init__(self, backend, meta: dict, tokens: list[str], marked: dict[int, int]):
+        self.backend = backend  # tokenizers.Tokenizer
+        self.pre = _meta(meta, "pre")
+        self.vocab_size = len(tokens)
+        self.bos_id = _special_id(meta, "bos", len(tokens))
+        self.eos_id = _special_id(meta, "eos", len(tokens))
+        self.pad_id = _special_id(meta, "padding", len(tokens))
+        self.unk_id = _special_id(meta, "unknown", len(tokens))
+        self.add_bos = bool(_meta(meta, "add_bos_token", False))
+        self.special_ids = frozenset(i for i, k in marked.items() if k == CONTROL)
+        self._tokens = tokens
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id, "pad_token": self.pad_id}
+        self.chat = ChatTemplate(
+            meta.get("tokenizer.chat_template"),
+            {k: tokens[i] if i is not None else None for k, i in names.items()},
+            [tokens[i] for i in marked],
+        )
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> "Tokenizer":
+        from tokenizers import AddedToken, decoders, models
+        from tokenizers import Tokenizer as Backend
+
+        tokens, merges, marked = _check(meta)
+        normalizer, pre_tokenizer, ignore_merges = PRE_TOKENIZERS[_meta(meta, "pre")]()
+        alphabet = set(_byte_maps()[1])
+        if set("".join(tokens)) <= alphabet:  # the usual case: skip the per-token check
+            vocab = dict(zip(tokens, range(len(tokens))))
+        else:
+            vocab = {_respell(t, alphabet): i for i, t in enumerate(tokens)}
+        pairs = _merge_pairs(merges)
+        try:
+            bpe = models.BPE(vocab, pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+                             fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
+        except Exception as e:  # a merge naming a token the vocabulary lacks
+            raise BadModelFile(f"GGUF tokenizer merges do not fit its vocabulary: {e}") from None
+        backend = Backend(bpe)
+        backend.normalizer = normalizer
+        backend.pre_tokenizer = pre_tokenizer
+        backend.decoder = decoders.ByteLevel()
+        # Control tokens (<|im_start|>) are special; user-defined ones (<tool_call>) are plain added
+        # tokens; both are matched whole in text. A control token spelled outside the byte alphabet
+        # is a mislabel that would not map onto its own id, so (like transformers) it is skipped.
+        control = [tokens[i] for i, k in marked.items() if k == CONTROL]
+        user = [tokens[i] for i, k in marked.items() if k == USER_DEFINED]
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control if set(t) <= alphabet])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user if t in vocab])
+        return cls(backend, meta, tokens, marked)
+
+    # -- text <-> ids ---------------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special tokens written in the text become their single ids."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._tokens[token_id]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (special tokens: their text)."""
+        piece = self.backend.id_to_token(int(token_id))
+        if piece is None:
+            raise IndexError(f"token id {token_id} is outside the vocabulary ({self.vocab_size} tokens)")
+        to_byte = _byte_maps()[1]
+        if all(c in to_byte for c in piece):
+            return bytes(to_byte[c] for c in piece)
+        return piece.encode("utf-8")
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens)
+
+    # -- chat -------------------------------------------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat.has_template
+
+    @property
+    def chat_start_marker(self) -> str | None:
+        return self.chat.start_marker
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.chat.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def is_templated(self, prompt: str) -> bool:
+        return self.chat.is_templated(prompt)
+
+    @cached_property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end generation: EOS, the template's end-of-turn token, and known end tokens."""
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        for name in (self.chat.end_of_turn, *_END_TOKENS):
+            i = self.backend.token_to_id(name) if name else None
+            if i is not None and (i in self.special_ids or name == self.chat.end_of_turn):
+                ids.add(i)
+        return frozenset(ids)
+
+
+def _respell(token: str, alphabet: set[str]) -> str:
+    # Byte-level vocabularies are spelled in GPT-2's byte alphabet; a token that is not (some
+    # converters store raw text) is respelled from its UTF-8 bytes, as transformers does.
+    if set(token) <= alphabet:
+        return token
+    chars = _byte_maps()[0]
+    return "".join(chars[b] for b in token.encode("utf-8"))
+
+
+def _merge_pairs(merges: list[str]) -> list[tuple[str, str]]:
+    # "Ġ t" -> ("Ġ", "t"). One C-level join/split instead of 150k Python splits (~0.1 s saved);
+    # byte-level tokens never hold a space, so each merge yields exactly two halves.
+    flat = " ".join(merges).split(" ")
+    if len(flat) != 2 * len(merges):
+        raise BadModelFile("GGUF tokenizer.ggml.merges has an entry that is not 'left right'")
+    halves = iter(flat)
+    return list(zip(halves, halves))
