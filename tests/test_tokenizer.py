@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import unicodedata
 
 import pytest
 
@@ -29,7 +28,7 @@ CORPUS = [
     "emoji 😀👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ 🧑🏿‍💻",
     "spaces    between     words   ", "   leading spaces", "trailing newlines\n\n\n",
     "tabs\tand\t\ttabs\t", "line one\r\nline two\r\n\r\nline four", "mixed \n \n\n  \t\n end",
-    "1 12 123 1234 12345 3.14159 -42 1e10 0x1F 1,000,000 ٣٤٥",
+    "1 12 123 1234 12345 3.14159 -42 1e10 0x1F 1,000,000 x٣٤٥",
     "3141592653589793238462643383279502884197169399375105820974944592307816406286208998628034825342117",
     "def add(a, b):\n    return a + b\n\n\nclass Foo:\n    def __init__(self):\n        self.x = [a, b]\n",
     "for (int i = 0; i < n; ++i) {\n\tsum += a[i] * b[i];\n}\n",
@@ -41,9 +40,12 @@ CORPUS = [
     "URL https://example.com/path?q=1&r=2#frag and a.b@c.de !!!??? ... --- === *** ###",
     "zero\u200bwidth\u00a0nbsp\u3000ideographic",
 ]
-# Where transformers' GGUF loader departs from the family's real tokenizer (see apr.tokenizer).
-SMOLLM_DIGIT_CASES = ["   12 spaces then digits\n    34\n\t56", "x = [\n    1,\n    2,\n]", "½ ² Ⅻ ① and  7"]
-QWEN_NFC_CASES = ["cafe\u0301", "\u212b \u2126", "\uf900", "\u1100\u1161", "e\u0301<|im_start|>e\u0301"]
+# Where the families' own tokenizer.json (and llama.cpp, for SmolLM) depart from transformers' GGUF loader;
+# transformers' ids are the contract, so these must match it too.
+CORPUS += [
+    "   12 spaces then digits\n    34\n\t56", "x = [\n    1,\n    2,\n]", "½ ² Ⅻ ① and  7", "Arabic ٣٤٥",
+    "cafe\u0301", "\u212b \u2126", "\uf900", "\u1100\u1161", "e\u0301<|im_start|>e\u0301",
+]
 
 CHATS = [
     [{"role": "user", "content": "Write a function."}],
@@ -69,16 +71,24 @@ def loaded():
     return {}
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def model(request, loaded):
-    """(name, apr Tokenizer, transformers tokenizer) of a real model."""
-    name = request.param
+def _load(request, loaded, name):
+    """(name, apr Tokenizer, transformers tokenizer) of a real model, built once a module."""
     if name not in loaded:
         from apr.formats.gguf import read_gguf
 
         path = _model_path(name)
         loaded[name] = (name, Tokenizer.from_metadata(read_gguf(path).metadata), _hf_tokenizer(request, path))
     return loaded[name]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model(request, loaded):
+    return _load(request, loaded, request.param)
+
+
+@pytest.fixture(scope="module")
+def smollm(request, loaded):
+    return _load(request, loaded, "smollm2-135m-instruct")
 
 
 def _hf_tokenizer(request, path):
@@ -98,21 +108,6 @@ def _hf_tokenizer(request, path):
     return hf
 
 
-def _family_reference(name, hf, text):
-    """transformers' ids, corrected to the family's real tokenizer where its GGUF loader is not."""
-    if name.startswith("qwen"):
-        return hf.encode(unicodedata.normalize("NFC", text), add_special_tokens=False)
-    # SmolLM (and llama.cpp): every number char is its own pre-token before the GPT-2 split.
-    ids, run = [], ""
-    for ch in text + "\0":
-        if unicodedata.category(ch) in ("Nd", "Nl", "No") or ch == "\0":
-            ids += hf.encode(run, add_special_tokens=False) + (hf.encode(ch, add_special_tokens=False) if ch != "\0" else [])
-            run = ""
-        else:
-            run += ch
-    return ids
-
-
 # -- real models vs transformers -----------------------------------------------------------------
 
 @pytest.mark.real
@@ -121,15 +116,6 @@ def test_encode_matches_transformers(model):
     name, tok, hf = model
     bad = [(t, tok.encode(t), hf.encode(t)) for t in CORPUS if tok.encode(t) != hf.encode(t)]
     assert not bad, f"{name}: {bad[:3]}"
-
-
-@pytest.mark.real
-@pytest.mark.reference
-def test_family_corner_cases(model):
-    name, tok, hf = model
-    cases = SMOLLM_DIGIT_CASES + QWEN_NFC_CASES
-    for text in CORPUS + cases:
-        assert tok.encode(text) == _family_reference(name, hf, text), (name, text)
 
 
 @pytest.mark.real
@@ -173,10 +159,10 @@ def test_chat_matches_transformers(model, gen):
 
 
 @pytest.mark.real
-def test_cli_json(model, capsys):
+def test_cli_json(smollm, capsys):
     from apr.cli import main
 
-    name, tok, hf = model
+    name, tok, hf = smollm  # the command is model-independent: the smallest model is enough
     assert main(["tokenize", name, "Hello world 123", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ids"] == hf.encode("Hello world 123") and out["count"] == len(out["ids"])
@@ -203,7 +189,8 @@ def tiny_meta(pre="qwen2", template=None, specials=("<|endoftext|>", "<|im_start
     tokens = _byte_symbols() + [m.replace(" ", "") for m in merges] + list(specials)
     meta = {
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.merges": merges, "tokenizer.ggml.token_type": [1] * (len(tokens) - len(specials)) + [3] * len(specials),
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": [1] * (len(tokens) - len(specials)) + [3] * len(specials),
         "tokenizer.ggml.bos_token_id": len(tokens) - len(specials), "tokenizer.ggml.eos_token_id": len(tokens) - 1,
     }
     if template:
@@ -221,7 +208,7 @@ def test_pre_tokenizer_families():
     assert _pieces(Tokenizer.from_metadata(tiny_meta("qwen2")), text) == ["ab", "Ġ", "Ġ", *"1234567", "Ġx"]
     assert _pieces(Tokenizer.from_metadata(tiny_meta("llama-bpe")), text) == ["ab", "Ġ", "Ġ", "123", "456", "7", "Ġx"]
     assert _pieces(Tokenizer.from_metadata(tiny_meta("gpt2")), text) == ["ab", "Ġ", "Ġ1234567", "Ġx"]
-    assert _pieces(Tokenizer.from_metadata(tiny_meta("smollm")), text) == ["ab", "ĠĠ", *"1234567", "Ġx"]
+    assert _pieces(Tokenizer.from_metadata(tiny_meta("smollm")), text) == ["ab", "Ġ", "Ġ1234567", "Ġx"]
     # llama-bpe sets ignore_merges (Llama 3): "123" is in the vocab, so it is used whole.
     tok = Tokenizer.from_metadata(tiny_meta("llama-bpe"))
     assert [tok.id_to_token(i) for i in tok.encode(" the 123")] == ["Ġthe", "Ġ", "123"]
@@ -255,7 +242,8 @@ def test_stream_decoder_waits_for_whole_characters():
 def test_chatml_fallback_and_markers():
     tok = Tokenizer.from_metadata(tiny_meta())
     assert not tok.has_chat_template
-    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    rendered = tok.render_chat([{"role": "user", "content": "hi"}])
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tok.chat_start_marker == "<|im_start|>" and tok.is_templated(" <|im_start|>user\nhi")
     assert tok.stop_ids == {tok.eos_id, tok.token_to_id("<|endoftext|>")}
 

@@ -106,16 +106,20 @@ def generate_step(model, prompt_ids: list[int], sampler: Sampler, max_tokens: in
         pos += 1
 
 
-def prepare_prompt(lm, prompt: str, chat: bool | None = None, system: str | None = None) -> str:
+def prepare_prompt(lm, prompt: str, chat: bool | None = None, system: str | None = None) -> tuple[str, list[int]]:
     """The text fed to the model. An instruct model's prompt is wrapped in its template exactly once:
     `chat=None` wraps when the model has a template, `chat=False` never wraps, and a prompt that is
-    already templated (starts with the template's start marker) is never wrapped again."""
+    already templated (starts with the template's start marker) is never wrapped again.
+    Returns the text and its ids; templated text gets no extra BOS (the template writes its own)."""
     tok = lm.tokenizer
     wrap = tok.has_chat_template if chat is None else chat
-    if not wrap or tok.is_templated(prompt):
-        return prompt
+    if tok.is_templated(prompt):
+        return prompt, tok.encode(prompt, add_bos=False)
+    if not wrap:
+        return prompt, tok.encode(prompt)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tok.render_chat(messages, add_generation_prompt=True)
+    rendered = tok.render_chat(messages, add_generation_prompt=True)
+    return rendered, tok.encode(rendered, add_bos=False)
 
 
 def _stop_at(text: str, stops: list[str]) -> int:
@@ -128,8 +132,7 @@ def stream_generate(lm, prompt: str, *, chat: bool | None = None, system: str | 
                     repeat_penalty: float = 1.0, seed: int | None = None,
                     stop: list[str] | None = None) -> Iterator[GenerationResponse]:
     tok, ctx = lm.tokenizer, lm.config.context_length
-    rendered = prepare_prompt(lm, prompt, chat, system)
-    prompt_ids = tok.encode(rendered)
+    rendered, prompt_ids = prepare_prompt(lm, prompt, chat, system)
     if not prompt_ids:
         raise ContextOverflow("the prompt is empty")
     if len(prompt_ids) >= ctx:
@@ -138,6 +141,7 @@ def stream_generate(lm, prompt: str, *, chat: bool | None = None, system: str | 
     sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
     stops, hold = list(stop or []), max((len(s) for s in stop or []), default=1) - 1
     tokens: list[int] = []
+    decoder = tok.stream_decoder()
     text, sent, reason = "", 0, "length"
     t0 = time.perf_counter()
     t_first = t_last = None
@@ -150,16 +154,17 @@ def stream_generate(lm, prompt: str, *, chat: bool | None = None, system: str | 
             reason = "eos"
             break
         tokens.append(token)
-        text = tok.decode(tokens)
+        text += decoder.push(token)  # only whole characters; a partial UTF-8 sequence waits
         cut = _stop_at(text, stops)
         if cut >= 0:
             text, reason = text[:cut], "stop"
             break
-        # hold back a partial UTF-8 character and anything that may be the start of a stop string
-        ready = len(text.rstrip("\ufffd")) - hold
+        ready = len(text) - hold  # hold back what may be the start of a stop string
         if ready > sent:
             yield GenerationResponse(text[sent:ready], token)
             sent = ready
+    if reason != "stop":
+        text += decoder.flush()
     t_first = t_first or time.perf_counter()
     t_last = t_last or t_first
     result = GenerationResult(text, tokens, prompt_ids, rendered, reason, t_first - t0, t_last - t_first, max(steps, 0))

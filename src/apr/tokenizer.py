@@ -16,8 +16,7 @@ from apr.errors import BadModelFile
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
-# GPT-2's split, used by ByteLevel(use_regex=True).
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# The split regexes of llama.cpp's llama-vocab.cpp, identical to the families' tokenizer.json.
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -43,21 +42,18 @@ def _split_then_bytes(pattern: str):
 
 
 def _qwen2():
-    # Qwen2's tokenizer.json NFC-normalizes; transformers' GGUF loader drops that normalizer,
-    # so it differs on non-NFC input (e.g. "e\u0301"). We keep the family's NFC.
-    from tokenizers import normalizers
-
-    return normalizers.NFC(), _split_then_bytes(_QWEN2_SPLIT), False
+    # Qwen2's own tokenizer.json also NFC-normalizes; llama.cpp and transformers' GGUF loader do not,
+    # and we match them (ids equal transformers' on any text): only non-NFC input ("e\u0301") differs.
+    return None, _split_then_bytes(_QWEN2_SPLIT), False
 
 
 def _smollm():
-    # SmolLM (StarCoder-style) isolates every digit before the GPT-2 split, as its tokenizer.json
-    # (Digits(individual_digits) + ByteLevel) and llama.cpp do. transformers' GGUF loader uses
-    # plain GPT-2 ByteLevel here, so it differs when 2+ whitespace chars precede a digit.
+    # We match transformers' GGUF loader: GPT-2 byte-level splitting. SmolLM's own tokenizer.json (and
+    # llama.cpp) first isolate every digit, so they differ where 2+ whitespace chars precede a digit
+    # ("\n    1") and where a space precedes a non-ASCII number (" ½"); transformers' ids are our contract.
     from tokenizers import pre_tokenizers
 
-    seq = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    return None, pre_tokenizers.Sequence(seq), False
+    return None, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False
 
 
 def _llama_bpe():
@@ -184,10 +180,10 @@ class Tokenizer:
         # Control tokens (<|im_start|>) are special; user-defined ones (<tool_call>) are plain added
         # tokens; both are matched whole in text. A control token spelled outside the byte alphabet
         # is a mislabel that would not map onto its own id, so (like transformers) it is skipped.
-        control = [tokens[i] for i, k in marked.items() if k == CONTROL]
-        user = [tokens[i] for i, k in marked.items() if k == USER_DEFINED]
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control if set(t) <= alphabet])
-        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user if t in vocab])
+        control = [tokens[i] for i, k in marked.items() if k == CONTROL and set(tokens[i]) <= alphabet]
+        user = [tokens[i] for i, k in marked.items() if k == USER_DEFINED and tokens[i] in vocab]
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
         return cls(backend, meta, tokens, marked)
 
     # -- text <-> ids ---------------------------------------------------------------------------

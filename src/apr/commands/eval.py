@@ -87,8 +87,8 @@ def _humaneval(args) -> int:
         raise AprError("give a MODEL to generate with, or --samples to score, not both")
     if not args.samples and not args.model:
         raise AprError("give a MODEL to evaluate, or --samples FILE.jsonl to score existing completions")
-    for name in ("workers", "samples_per_task", "max_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("workers", "samples_per_task", "max_tokens", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise AprError(f"--{name.replace('_', '-')} must be at least 1")
     start = time.monotonic()
     report = _score_file(args) if args.samples else _generate(args)
@@ -129,6 +129,8 @@ def _score_file(args) -> dict:
 
     problems = humaneval.load_problems(args.limit)
     samples = [s for s in _read_samples(args.samples) if args.limit is None or s["task_id"] in problems]
+    if not samples:
+        raise AprError(f"{args.samples} has no samples for the first {args.limit} problems")
     scored = humaneval.score_samples(samples, humaneval.load_problems(), args.workers, args.timeout)
     summary = humaneval.summarize(scored)
     report = {"samples": args.samples, **{k: v for k, v in summary.items() if k != "tasks"}}

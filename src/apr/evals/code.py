@@ -53,9 +53,11 @@ def ast_summary(code: str) -> dict:
         return {"ok": False, "error": {"msg": str(e), "line": None}, "node_count": 0,
                 "functions": [], "classes": []}
     nodes = list(ast.walk(tree))
+    defs = sorted((n for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))),
+                  key=lambda n: (n.lineno, n.col_offset))  # source order (walk is breadth-first)
     return {"ok": True, "error": None, "node_count": len(nodes),
-            "functions": [n.name for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))],
-            "classes": [n.name for n in nodes if isinstance(n, ast.ClassDef)]}
+            "functions": [n.name for n in defs if not isinstance(n, ast.ClassDef)],
+            "classes": [n.name for n in defs if isinstance(n, ast.ClassDef)]}
 
 
 def top_level_names(code: str) -> set[str] | None:

@@ -82,14 +82,19 @@ def program(problem: dict, code: str) -> str:
     return f"{code}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
 
+def outcome(r) -> dict:
+    """What a record keeps of a sandbox run: the verdict, and the last line of the error when failed."""
+    err = r.stderr.strip()
+    return {"passed": r.passed, "status": r.status, "duration_s": r.duration_s,
+            "error": err.splitlines()[-1][:300] if err and not r.passed else None}
+
+
 def evaluate(programs: list[str], workers: int, timeout_s: float = TIMEOUT_S, desc: str = "scoring") -> list[dict]:
     """Run each program in the sandbox, `workers` at a time; results in input order."""
     from tqdm import tqdm
 
     def one(src):
-        r = run_program(src, timeout_s=timeout_s)
-        return {"passed": r.passed, "status": r.status, "duration_s": r.duration_s,
-                "error": r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() and not r.passed else None}
+        return outcome(run_program(src, timeout_s=timeout_s))
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(tqdm(pool.map(one, programs), total=len(programs), desc=desc, file=sys.stderr,
@@ -191,9 +196,7 @@ def run_generation(sample: Sampler, problems: dict, out: Path, meta: dict, sampl
 def _drain(pending: list, fh, records: list, bar, wait: bool) -> None:
     while pending and (wait or pending[0][1].done()):
         rec, fut = pending.pop(0)
-        r = fut.result()
-        rec.update(passed=r.passed, status=r.status, duration_s=r.duration_s,
-                   error=r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() and not r.passed else None)
+        rec.update(outcome(fut.result()))
         fh.write(json.dumps(rec) + "\n")
         fh.flush()
         os.fsync(fh.fileno())

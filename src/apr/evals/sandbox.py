@@ -9,8 +9,8 @@ machine permits (`SandboxResult.isolation` reports which took effect):
      as the working dir), pid (when the reaper exits the kernel kills every descendant), ipc;
   3. rlimits: address space, CPU seconds, processes, file size, open files, no core dumps; no_new_privs;
   4. an audit hook (PEP 578) in the program's interpreter, the only layer left when not root: it refuses
-     writes outside the working dir, sockets, exec, signals to others, ctypes, and the frame/gc
-     introspection a program would need to find the nonce;
+     writes outside the working dir, sockets, exec, signals to others, ctypes, and the routes to the
+     nonce (the module's code object via frame.f_code, gc, /proc/*/mem);
   5. the harness: wall-clock timeout, incremental capped output reads, SIGKILL to the process group, the
      session and the uid afterwards, the temporary directory removed.
 Passing needs exit status 0 AND a random nonce, printed by a line appended after the program, seen by the
@@ -198,13 +198,13 @@ def _lockdown(libc, cfg, iso):
     """Private mount table: everything read-only except a fresh tmpfs working directory."""
     _mount(libc, "none", "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates to the host
     iso["exposed"] = _expose(libc, _interpreter_paths(), cfg["stash"])
-    for point, keep in _mountinfo():
+    for point, keep in _mountinfo():  # some fail (shadowed mounts); "/" is checked below
         libc.mount(None, point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | keep, None)
-    iso["readonly_fs"] = not os.access("/", os.W_OK)
     owner = f",uid={cfg['uid']},gid={cfg['uid']}" if cfg["uid"] is not None else ""
     _mount(libc, "tmpfs", cfg["work"], "tmpfs", MS_NOSUID | MS_NODEV,
            f"size={cfg['disk_mb']}m,nr_inodes=4096,mode=0700{owner}")
     iso["tmpfs_work"] = True
+    iso["readonly_fs"] = not os.access("/", os.W_OK)
 
 
 def _isolate(cfg):
@@ -215,9 +215,12 @@ def _isolate(cfg):
         for name, flag in _NS:
             iso[name] = libc.unshare(flag) == 0
         if iso["mountns"]:
-            _lockdown(libc, cfg, iso)
-        uid = cfg["uid"]
-        if uid is not None and (iso["mountns"] or not any(_blocker(p) for p in _interpreter_paths())):
+            try:
+                _lockdown(libc, cfg, iso)
+            except OSError as e:  # e.g. mount denied by a container's seccomp profile: carry on without
+                iso["lockdown_error"] = str(e)
+        uid = cfg["uid"]  # only if the interpreter is reachable for it
+        if uid is not None and (iso["tmpfs_work"] or not any(_blocker(p) for p in _interpreter_paths())):
             iso["uid"] = uid
     os.makedirs(os.path.join(cfg["work"], "tmp"), exist_ok=True)
     if iso["uid"] is not None:
@@ -423,7 +426,10 @@ def _collect(proc, timeout_s, cap, sweep):
             why = "timeout" if not exited else None
             break
         for key, _ in sel.select(min(0.05, deadline - now)):
-            chunk = os.read(key.fd, 1 << 16)
+            try:
+                chunk = os.read(key.fd, 1 << 16)
+            except BlockingIOError:
+                continue
             if not chunk:
                 sel.unregister(key.fileobj)
                 continue

@@ -1,7 +1,8 @@
-"""Modules that hold ggml blocks: QuantLinear (dense weight made on demand) and QuantEmbedding (stays quantized).
+"""Modules that hold ggml blocks: QuantLinear (packed or dense weight made on demand) and QuantEmbedding.
 
-Both keep the raw blocks as a buffer named `raw`, so a faster kernel (packed int4/int8 matmul) can later
-replace `forward` without the model code changing.
+Both keep the raw blocks as a buffer named `raw`. `materialize(dtype, device)` prepares what forward
+runs: float32 is the exact reference (dense dequantized weight in `weight`); other dtypes get the fastest
+faithful kernel format for the ggml type (apr.quant.kernels: packed int4, or dense).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from apr.errors import BadModelFile
-from apr.quant.table import dequantize, dequantize_rows, row_bytes, type_name
+from apr.quant import kernels
+from apr.quant.pages import release_file_pages
+from apr.quant.table import dequantize_rows, row_bytes, type_name
 
 
 def _check_raw(raw: torch.Tensor, qtype: int, rows: int, cols: int, what: str) -> None:
@@ -23,8 +26,16 @@ def _check_raw(raw: torch.Tensor, qtype: int, rows: int, cols: int, what: str) -
         )
 
 
+def _tag(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("ascii")), dtype=torch.uint8)
+
+
+def _untag(t: torch.Tensor) -> str:
+    return bytes(t.to(torch.uint8).tolist()).decode("ascii", "replace")
+
+
 class QuantLinear(nn.Module):
-    """y = x @ W.T + b, with W kept as ggml blocks in `raw` and dequantized once into `weight`."""
+    """y = x @ W.T + b, with W kept as ggml blocks in `raw` and prepared once per (dtype, device)."""
 
     def __init__(self, raw: torch.Tensor, qtype: int, in_features: int, out_features: int,
                  bias: torch.Tensor | None = None):
@@ -35,29 +46,99 @@ class QuantLinear(nn.Module):
         # derived from raw, so not saved in state_dict
         self.register_buffer("weight", None, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self._bias32 = self.bias  # the exact bias: every dtype's copy is made from it, never from another copy
+        self.prepared: kernels.Prepared | None = None
 
-    def materialize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantize into a dense `weight` of `dtype` (once per dtype); `raw` is kept."""
-        if self.weight is None or self.weight.dtype != dtype:
+    @property
+    def kind(self) -> str:
+        return self.prepared.kind if self.prepared else "none"
+
+    def materialize(self, dtype: torch.dtype = torch.float32, device=None) -> kernels.Prepared:
+        """Prepare for compute in `dtype` on `device` (default: where `raw` is); returns the Prepared state.
+
+        float32 -> dense exact `weight`; other dtypes -> apr.quant.kernels' format for this ggml type.
+        `raw` is kept (its file pages are released: they are read again only if asked for another dtype).
+        """
+        device = torch.device(device) if device is not None else self.raw.device
+        p = self.prepared
+        if p is None or p.dtype != dtype or self._device(p) != device:
             # from raw, not from an existing weight: a bf16 -> f32 round trip would lose bits
-            w = dequantize(self.raw, self.qtype, (self.out_features, self.in_features))
-            self.weight = w.to(dtype)
-        if self.bias is not None and self.bias.dtype != dtype:
-            self.bias = self.bias.to(dtype)
-        return self.weight
+            p = kernels.prepare(self.raw, self.qtype, self.out_features, self.in_features, dtype, device)
+            self._set(p, device)
+            release_file_pages(self.raw)
+        return p
+
+    def _set(self, p: kernels.Prepared, device: torch.device) -> None:
+        self.prepared = p
+        self.weight = p.tensors.get("weight")
+        if self._bias32 is not None:
+            self.bias = self._bias32.to(device=device, dtype=p.dtype)
+
+    @staticmethod
+    def _device(p: kernels.Prepared) -> torch.device:
+        return next(iter(p.tensors.values())).device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None or self.weight.dtype != x.dtype:
-            self.materialize(x.dtype)
-        return F.linear(x, self.weight, self.bias)
+        p = self.prepared
+        if p is None or p.dtype != x.dtype:
+            p = self.materialize(x.dtype, x.device)
+        if p.dtype == torch.float32:
+            return F.linear(x, self.weight, self.bias)  # the reference path, exactly as it always was
+        return kernels.linear(x, p, self.bias)
+
+    def prepared_state(self) -> dict[str, torch.Tensor]:
+        """The buffers forward needs after `materialize`, for storing in a .apr file.
+
+        Keys: "kind" is a uint8 tensor of ASCII text "<kind>;<layout>;parts=<P>;rows=<N>;dtype=<dtype>"
+        (kind "dense" or "int4"; layout e.g. "int4-cpu-bn32", which depends on the CPU packer's build);
+        "weight" (dense: (N, K) in dtype) or "packed" + "sz" (int4: the tinygemm buffers, see
+        apr.quant.kernels_int4). The bias is not included: it is a GGUF tensor of its own.
+        """
+        p = self.prepared if self.prepared is not None else self.materialize(torch.float32)
+        text = f"{p.kind};{p.layout};parts={p.parts};rows={p.rows};dtype={str(p.dtype).removeprefix('torch.')}"
+        return {"kind": _tag(text), **p.tensors}
+
+    def load_prepared(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
+        """Use a stored `prepared_state()` for `dtype` without repacking; True if it was used.
+
+        A state made for another dtype, shape or packed layout (another CPU build or device) is not
+        usable here: then this packs from `raw` as `materialize(dtype)` does and returns False.
+        """
+        p = self._parse(state, dtype)
+        if p is None:
+            self.materialize(dtype)
+            return False
+        self._set(p, self._device(p))
+        return True
+
+    def _parse(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> kernels.Prepared | None:
+        try:
+            kind, layout, *fields = _untag(state["kind"]).split(";")
+            info = dict(f.split("=", 1) for f in fields)
+            tensors = {k: v for k, v in state.items() if k != "kind"}
+            if info["dtype"] != str(dtype).removeprefix("torch."):
+                return None
+            if kind == "dense" and tuple(tensors["weight"].shape) == (self.out_features, self.in_features):
+                return kernels.Prepared("dense", dtype, {"weight": tensors["weight"].to(dtype)})
+            from apr.quant import kernels_int4 as k4
+
+            ok = kind == "int4" and layout == k4.cpu_layout() and int(info["rows"]) == self.out_features
+            ok = ok and tensors["sz"].dtype == dtype and tensors["packed"].dtype == torch.uint8
+            return kernels.Prepared("int4", dtype, tensors, int(info["parts"]), self.out_features, layout) if ok else None
+        except (KeyError, ValueError):
+            return None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"qtype={type_name(self.qtype)}, bias={self.bias is not None}")
+                f"qtype={type_name(self.qtype)}, bias={self.bias is not None}, kind={self.kind}")
 
 
 class QuantEmbedding(nn.Module):
-    """Token embedding whose table stays quantized; each lookup dequantizes only the rows it needs."""
+    """Token embedding whose table stays quantized; each lookup dequantizes only the rows it needs.
+
+    The lookup runs where `raw` lives (the memory-mapped file on the host) and the (T, dim) rows move to
+    `device`: a few KiB per step, instead of a second copy of the vocabulary table on the accelerator.
+    """
 
     def __init__(self, raw: torch.Tensor, qtype: int, dim: int):
         super().__init__()
@@ -65,13 +146,25 @@ class QuantEmbedding(nn.Module):
         self.qtype, self.dim, self.num_embeddings = int(qtype), dim, raw.shape[0]
         self.register_buffer("raw", raw)
         self.dtype = torch.float32
+        self.device = raw.device
 
-    def materialize(self, dtype: torch.dtype = torch.float32) -> None:
-        """Set the output dtype; the table itself is never densified."""
+    def materialize(self, dtype: torch.dtype = torch.float32, device=None) -> None:
+        """Set the output dtype and device; the table itself is never densified."""
         self.dtype = dtype
+        self.device = torch.device(device) if device is not None else self.raw.device
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_rows(self.raw, self.qtype, ids).to(self.dtype)  # (*ids.shape, dim)
+        rows = dequantize_rows(self.raw, self.qtype, ids.to(self.raw.device))  # (*ids.shape, dim) float32
+        return rows.to(device=self.device, dtype=self.dtype)
+
+    def prepared_state(self) -> dict[str, torch.Tensor]:
+        """Nothing is packed for lookups: {"kind": ASCII "rows;ggml;dtype=<dtype>"} (see QuantLinear)."""
+        return {"kind": _tag(f"rows;ggml;dtype={str(self.dtype).removeprefix('torch.')}")}
+
+    def load_prepared(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
+        """Set the dtype; the ggml rows in `raw` are the lookup format, so there is nothing to load."""
+        self.materialize(dtype)
+        return True
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.dim}, qtype={type_name(self.qtype)}"
