@@ -25,7 +25,8 @@ def task(body: str) -> str:
 
 
 def run(body: str, **kw):
-    kw.setdefault("timeout_s", 3)
+    # runs that end on their own return early; the margin is for two interpreter starts on a loaded box
+    kw.setdefault("timeout_s", 5)
     r = run_program(task(body), **kw)
     assert_clean(r)
     return r
@@ -251,3 +252,22 @@ def test_hunting_the_nonce_fails():
         os._exit(0)
         """)
     assert not r.passed and r.status == "early_exit"
+
+
+@pytest.mark.parametrize("mode", ["full", "guard"])
+def test_starting_other_programs(mode, iso, tmp_path):
+    """exec would leave the audit hook behind: every route to it is refused."""
+    r = run("""
+        import os
+        done = 0
+        for attempt in (lambda: os.system("true"), lambda: __import__("subprocess").run(["true"]),
+                        lambda: os.execv("/bin/true", ["true"]), lambda: os.posix_spawn("/bin/true", ["true"], {}),
+                        lambda: __import__("_posixsubprocess"), lambda: __import__("ctypes").CDLL(None)):
+            try:
+                attempt()
+                done += 1
+            except Exception:
+                pass
+        return 42 if done else 0
+        """, **layers(mode, iso))
+    assert not r.passed, r.stderr

@@ -201,7 +201,7 @@ def compare(a, b, ids: list[int], tol: Tolerance | None = None, points=None, chu
         if la.shape != lb.shape:
             raise AprError(f"A and B disagree on the vocabulary: logits {tuple(la.shape)} vs {tuple(lb.shape)}")
         logits.add_logits(la, lb, targets[pos : pos + chunk])
-    return _report(ra, rb, n, tol, accs, logits)
+    return _report(ra, rb, n, tol, accs, logits, points)
 
 
 def _run_pair(ra, rb, ids: torch.Tensor, pos: int, points, accs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +225,7 @@ def _run_pair(ra, rb, ids: torch.Tensor, pos: int, points, accs) -> tuple[torch.
     return la, lb
 
 
-def _report(ra, rb, n: int, tol: Tolerance, accs: dict, logits: _LogitAcc) -> ParityReport:
+def _report(ra, rb, n: int, tol: Tolerance, accs: dict, logits: _LogitAcc, points) -> ParityReport:
     layers: dict[int, dict] = {}
     first = None
     for (layer, point), acc in sorted(accs.items(), key=lambda kv: (kv[0][0], ALL_POINTS.index(kv[0][1]))):
@@ -244,9 +244,9 @@ def _report(ra, rb, n: int, tol: Tolerance, accs: dict, logits: _LogitAcc) -> Pa
     notes = []
     if ra.config.n_layers != rb.config.n_layers:
         notes.append(f"A has {ra.config.n_layers} layers, B {rb.config.n_layers}: layers compared by index")
-    missing = sorted({p for p in ALL_POINTS} - {p for _, p in accs})
-    if missing and accs:
-        notes.append(f"not compared (missing from one run or not asked for): {', '.join(missing)}")
+    missing = [p for p in points if p not in {q for _, q in accs}]
+    if missing:
+        notes.append(f"not compared (one run does not produce them): {', '.join(missing)}")
     return ParityReport(ra.info, rb.info, n, tol, [layers[k] for k in sorted(layers)], lg,
                         first[0] if first else None, first[1] if first else None, notes)
 

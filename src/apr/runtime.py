@@ -34,7 +34,18 @@ class LoadedModel:
 
 
 def default_dtype() -> str:
+    """bfloat16 where the CPU runs the packed int4 kernels fast (x86 with AVX2 or AVX-512, or an Arm CPU
+    with bf16), else float32. float32 is always available with --dtype: the exact reference path."""
+    if fast_bf16_cpu():
+        return "bfloat16"
     return "float32"
+
+
+def fast_bf16_cpu() -> bool:
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap.startswith(("AVX2", "AVX512")):
+        return True
+    return cap.startswith("SVE") or bool(getattr(torch.cpu, "_is_arm_bf16_supported", lambda: False)())
 
 
 def read_model_file(path: Path):
@@ -50,23 +61,25 @@ def read_model_file(path: Path):
 
 
 def load_model(spec: str | Path | None, dtype: str | None = None, backend: str = "auto", quiet: bool = False) -> LoadedModel:
-    from apr import hub
-    from apr.model.load import build_modules
-    from apr.model.transformer import Transformer
+    """Resolve, read and prepare a model on the backend the chain selects (see apr.backends)."""
+    import sys
+
+    from apr import backends, hub
     from apr.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise AprError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
-    if backend not in ("auto", "cpu"):
-        from apr.errors import BackendUnavailable
-
-        raise BackendUnavailable(f"backend '{backend}' is not available on this machine")
+    if backend != "auto" and backend not in backends.BACKENDS:
+        raise AprError(f"unknown backend '{backend}' (choose from auto, {', '.join(backends.BACKENDS)})")
     path = hub.resolve_model(str(spec) if spec else None, quiet=quiet)
     config, metadata, tensors = read_model_file(path)
     tokenizer = Tokenizer.from_metadata(metadata)
-    model = Transformer(config, build_modules(config, tensors)).materialize(DTYPES[dtype])
     sha = hub.known_sha256(path) or hub.sha256_file(path)
-    chain = [{"backend": "cpu", "accepted": True, "reason": "cpu is always available"}]
-    return LoadedModel(path, sha, config, tokenizer, model, metadata, dtype, "cpu", time.perf_counter() - t0, chain)
+    probe = tokenizer.encode(backends.GATE_PROMPT)[:32] or [0]
+    sel = backends.select(backend, config, tensors, DTYPES[dtype], sha, probe)
+    if not quiet and len(sel.chain) > 1:
+        print(f"apr: {backends.describe(sel.chain)}", file=sys.stderr)
+    return LoadedModel(path, sha, config, tokenizer, sel.model, metadata, dtype, sel.backend,
+                       time.perf_counter() - t0, sel.chain)

@@ -81,11 +81,13 @@ def print_text(info: dict[str, Any]) -> None:
     if info["format"] == "apr":
         fmt += " (checksums verified)" if info["checksums_verified"] else " (checksums NOT verified)"
     cfg = info["config"]
-    print(f"file        {info['path']}\nformat      {fmt}\nsize        {info['size']:,} bytes\nsha256      {info['sha256']}")
+    print(f"file        {info['path']}\nformat      {fmt}")
+    print(f"size        {info['size']:,} bytes\nsha256      {info['sha256']}")
     print(f"parameters  {info['parameter_count']:,} in {info['tensor_count']} tensors")
     if cfg:
-        print(f"model       {cfg['architecture']}: {cfg['n_layers']} layers, dim {cfg['dim']}, {cfg['n_heads']} heads "
-              f"({cfg['n_kv_heads']} kv), ffn {cfg['ffn_dim']}, vocab {cfg['vocab_size']}, context {cfg['context_length']}")
+        print(f"model       {cfg['architecture']}: {cfg['n_layers']} layers, dim {cfg['dim']}, "
+              f"{cfg['n_heads']} heads ({cfg['n_kv_heads']} kv), ffn {cfg['ffn_dim']}, "
+              f"vocab {cfg['vocab_size']}, context {cfg['context_length']}")
     else:
         print(f"model       not runnable by apr: {info['config_error']}")
     note = f" ({info['license_note']})" if info.get("license_note") else ""
@@ -93,7 +95,7 @@ def print_text(info: dict[str, Any]) -> None:
     if "provenance" in info:
         p, src = info["provenance"], info["provenance"].get("source", {})
         print(f"provenance  from {src.get('file')} (sha256 {src.get('sha256')}), apr {p.get('apr_version')}, "
-              f"{p.get('created')}, quantize {p.get('quantize')}")
+              f"{p.get('created')}, quantize {p.get('quantize')}, prepared {p.get('prepared') or 'none'}")
     print(f"\nmetadata ({len(info['metadata'])} keys)")
     for k, v in info["metadata"].items():
         print(f"  {k} = {_text(v)}")

@@ -86,7 +86,7 @@ def token_ids(lm, args) -> tuple[list[int], str]:
     if args.prompt is not None and args.text_file:
         raise AprError("give --prompt or --text-file, not both")
     if args.prompt is not None:
-        ids, source = lm.tokenizer.encode(prepare_prompt(lm, args.prompt, args.chat, args.system)), "prompt"
+        ids, source = prepare_prompt(lm, args.prompt, args.chat, args.system)[1], "prompt"
     elif args.text_file:
         try:
             text = Path(args.text_file).read_text(encoding="utf-8")

@@ -30,7 +30,7 @@ def main(args):
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     lm = load(args, quiet=args.json)
-    ids = lm.tokenizer.encode(prepare_prompt(lm, prompt, args.chat, args.system))
+    _, ids = prepare_prompt(lm, prompt, args.chat, args.system)
     report = trace(lm, ids, top_k=args.top_k)
     if args.json:
         print(json.dumps(report.to_dict()))

@@ -91,6 +91,8 @@ def _make_guard(work, allow_fork):
             if not all(inside(args[i], args[f] if f is not None and f < len(args) else None, follow)
                        for i, f in spec):
                 raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
+        elif event == "import" and args[0] == "_posixsubprocess":  # fork_exec: an exec the hook never sees
+            raise PermissionError("sandbox: starting other programs is not allowed")
         elif event == "os.kill" and args[0] != getpid():
             raise PermissionError("sandbox: cannot signal other processes")
         elif event == "object.__getattr__" and args[1] == "f_code":

@@ -166,7 +166,8 @@ def verify_tensors(jobs: list[tuple], path: Path) -> None:
         got = list(pool.map(lambda j: crc_hex(j[2]), jobs))
     for (name, want, _), have in zip(jobs, got):
         if have != want:
-            raise BadModelFile(f"{path}: tensor {name!r} fails its checksum (crc32 {have}, stored {want}): corrupt file")
+            raise BadModelFile(f"{path}: tensor {name!r} fails its checksum (crc32 {have}, stored {want}): "
+                               "corrupt file")
 
 
 # ---- tensors and config ----
@@ -219,7 +220,8 @@ def _attach_prepared(tensors: dict, d: dict, e: dict, buf: np.ndarray, path: Pat
     owner = tensors.get(d.get("of"))
     if owner is None or not isinstance(d.get("key"), str):
         raise BadModelFile(f"{path}: a prepared tensor names no stored ggml tensor ({d.get('of')!r})")
-    t = torch.from_numpy(buf).view(getattr(torch, TORCH_DTYPES[e["dtype"]])).reshape(e["shape"])  # zero-copy view of the map
+    dtype = getattr(torch, TORCH_DTYPES[e["dtype"]])
+    t = torch.from_numpy(buf).view(dtype).reshape(e["shape"])  # a zero-copy view of the map
     owner._prepared.setdefault(d["layout"].split(":", 1)[1], {})[d["key"]] = t
 
 

@@ -35,7 +35,8 @@ def _write(f: AprFile, tmp: Path, progress: bool, label: str = "gguf") -> None:
     w = GGUFWriter(tmp, str(f.metadata["general.architecture"]))  # writes general.architecture itself
     _add_kv(w, f)
     for name, t in f.tensors.items():
-        w.add_tensor_info(name, byte_shape(t.qtype, t.shape), np.dtype(np.uint8), t.nbytes, raw_dtype=GGMLQuantizationType(t.qtype))
+        qtype = GGMLQuantizationType(t.qtype)
+        w.add_tensor_info(name, byte_shape(t.qtype, t.shape), np.dtype(np.uint8), t.nbytes, raw_dtype=qtype)
     w.write_header_to_file(tmp)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

@@ -82,7 +82,8 @@ def parse_header(data: np.ndarray, path: Path) -> tuple[dict[str, dict], dict[st
         raise BadModelFile(f"{path}: header metadata values must be strings")
     version = meta.get("apr.format_version", "")
     if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise BadModelFile(f"{path}: .apr format version {version!r} is not supported (this apr reads <= {FORMAT_VERSION})")
+        raise BadModelFile(f"{path}: .apr format version {version!r} is not supported "
+                           f"(this apr reads <= {FORMAT_VERSION})")
     start = 8 + n
     _check_offsets(header, size - start, path)
     return header, meta, start
@@ -139,7 +140,8 @@ def header_crc(meta: dict[str, str]) -> str:
 def check_header_crc(meta: dict[str, str], path: Path) -> None:
     want = meta.get(HEADER_CRC_KEY)
     if want != header_crc(meta):
-        raise BadModelFile(f"{path}: header checksum mismatch (stored {want}, computed {header_crc(meta)}): corrupt file")
+        raise BadModelFile(f"{path}: header checksum mismatch (stored {want}, computed {header_crc(meta)}): "
+                           "corrupt file")
 
 
 def stored_shape(qtype: int, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:

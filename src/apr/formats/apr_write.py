@@ -14,7 +14,6 @@ import os
 import struct
 import sys
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -205,7 +204,7 @@ def _write_entry(out, e: Entry) -> None:
     buf = memoryview(data).cast("B")
     if len(buf) != e.nbytes:
         raise AprError(f"internal error: tensor {e.name} produced {len(buf)} bytes, expected {e.nbytes}")
-    e.describe["crc32"] = f"{zlib.crc32(buf) & 0xFFFFFFFF:08x}"
+    e.describe["crc32"] = fmt.crc_hex(buf)
     out.write(buf)
 
 
@@ -232,7 +231,8 @@ def convert_gguf(src: Path, dst: Path, mode: str = "keep", progress: bool = True
     provenance = {
         "source": {"file": src.name, "sha256": sha256_file(src), "size": src.stat().st_size, "format": "gguf",
                    "gguf_version": g.metadata.get("GGUF.version")},
-        "apr_version": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "apr_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tool": "apr convert", "quantize": mode, "prepared": prepare_dtype,
     }
     meta = {

@@ -6,6 +6,7 @@ so a GGUF tensor `blk.3.attn_q.weight` is the raw blocks of module `blk.3.attn_q
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -69,7 +70,9 @@ class Block(nn.Module):
         self.ffn_up = w[p + "ffn_up"]
         self.ffn_down = w[p + "ffn_down"]
 
-    def forward(self, x, pos, cos, sin, cache: KVCache, tap: Tap | None):
+    def forward(self, x, pos, cos, sin, cache: KVCache, tap: Tap | None, mask: torch.Tensor | None = None):
+        """x (T, dim) at positions [pos, pos+T). With `mask` (static decode: T == 1, pos a (1,) tensor) the
+        cache is written by index and attention runs over the whole buffer, masked: fixed shapes for graphs."""
         cfg, t = self.cfg, x.shape[0]
         h = self.attn_norm(x)  # (T, dim)
         q, k, v = self.attn_q(h), self.attn_k(h), self.attn_v(h)
@@ -81,8 +84,12 @@ class Block(nn.Module):
         v = v.view(t, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1).unsqueeze(0)  # (1, KV, T, hd)
         q = apply_rope(q, cos, sin, cfg.rope_interleaved)
         k = apply_rope(k, cos, sin, cfg.rope_interleaved)
-        k, v = cache.update(self.layer, pos, k, v)  # (1, KV, pos+T, hd)
-        a = attention(q, k, v, pos)  # (1, H, T, hd)
+        if mask is None:
+            k, v = cache.update(self.layer, pos, k, v)  # (1, KV, pos+T, hd)
+            a = attention(q, k, v, pos)  # (1, H, T, hd)
+        else:
+            k, v = cache.write_at(self.layer, pos, k, v)  # (1, KV, S, hd)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (1, H, 1, hd)
         a = a.squeeze(0).transpose(0, 1).reshape(t, cfg.n_heads * cfg.head_dim)  # (T, H*hd)
         a = self.attn_output(a)
         x = x + a
@@ -103,14 +110,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> to
     """Causal GQA attention of T new queries at positions [pos, pos+T) over S = pos+T keys."""
     t, s = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # (1, KV, S, hd) -> (1, H, S, hd); explicit so any torch >= 2.4 works
-        k = k.repeat_interleave(groups, dim=1)
+    if groups > 1 and q.dtype == torch.float32:  # the reference path: explicit, as it always was
+        k = k.repeat_interleave(groups, dim=1)  # (1, KV, S, hd) -> (1, H, S, hd)
         v = v.repeat_interleave(groups, dim=1)
+    gqa = {"enable_gqa": True} if groups > 1 and q.dtype != torch.float32 else {}  # no copy of the cache per step
     if t == 1:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, **gqa)
     # query i (absolute pos+i) sees keys j <= pos+i
     mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=pos)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
 class Transformer(nn.Module):
@@ -124,21 +132,30 @@ class Transformer(nn.Module):
         self.output: QuantLinear = weights["output"]
         self.cache: KVCache | None = None
         self.tap: Tap | None = None
-        self.dtype = torch.float32
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+        self._graph: _Graph | None = None
 
-    def materialize(self, dtype: torch.dtype) -> "Transformer":
-        """Prepare every quantized module for compute in `dtype` (dense or packed, the module decides)."""
-        self.dtype = dtype
+    def materialize(self, dtype: torch.dtype, device=None) -> "Transformer":
+        """Prepare every quantized module for compute in `dtype` on `device` (dense or packed, the module
+        decides); norms move to `device` (in float32); the raw ggml blocks stay where they are (host)."""
+        self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
         for m in self.modules():
             if isinstance(m, (QuantLinear, QuantEmbedding)):
-                m.materialize(dtype)
+                m.materialize(dtype, self.device)
+            elif isinstance(m, RMSNorm):
+                m.weight = m.weight.to(self.device)
+        self.cache, self._graph = None, None
         return self
 
     def setup_cache(self, capacity: int) -> None:
-        if self.cache is None or self.cache.capacity < capacity or self.cache.k.dtype != self.dtype:
+        cache = self.cache
+        if cache is None or cache.size < capacity or cache.k.dtype != self.dtype or cache.k.device != self.device:
             cfg = self.cfg
-            self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity, self.dtype)
-            self.cos, self.sin = rope_tables(cfg, capacity)
+            self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity, self.dtype, self.device)
+            cos, sin = rope_tables(cfg, self.cache.size)
+            self.cos, self.sin = cos.to(self.device), sin.to(self.device)
+            self._graph = None  # captured over the old buffers
+        self.cache.capacity = max(capacity, 1)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, all_logits: bool = False) -> torch.Tensor:
@@ -146,6 +163,8 @@ class Transformer(nn.Module):
         t = ids.shape[0]
         if self.cache is None or pos + t > self.cache.capacity:
             raise ValueError(f"positions up to {pos + t} exceed the KV cache; call setup_cache first")
+        if t == 1 and self.tap is None and self._graphs_enabled():
+            return self._graph_step(ids, pos)
         x = self.token_embd(ids).to(self.dtype)  # (T, dim)
         if self.tap:
             self.tap(-1, "embedding", x)
@@ -159,3 +178,46 @@ class Transformer(nn.Module):
         if self.tap:
             self.tap(self.cfg.n_layers, "logits", logits)
         return logits
+
+    # ---- static decode step (fixed shapes), replayed as a CUDA graph ----
+
+    def static_step(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step from the embedding x (1, dim) at tensor position pos (1,) -> logits (1, vocab)."""
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (1, hd/2)
+        keys = torch.arange(self.cache.size, device=pos.device)
+        mask = (keys <= pos).view(1, 1, 1, -1)  # (1, 1, 1, S): cached keys up to pos
+        for block in self.blk:
+            x = block(x, pos, cos, sin, self.cache, None, mask)
+        return self.output(self.output_norm(x)).float()
+
+    def _graphs_enabled(self) -> bool:
+        return self.device.type == "cuda" and os.environ.get("APR_CUDA_GRAPHS", "1") != "0"
+
+    def _graph_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        g = self._graph or self._capture()
+        g.x.copy_(self.token_embd(ids).to(self.dtype))  # the host-side lookup stays outside the graph
+        g.pos.fill_(pos)
+        g.graph.replay()
+        return g.logits.clone()
+
+    def _capture(self) -> "_Graph":
+        dev = self.device
+        x = torch.zeros(1, self.cfg.dim, dtype=self.dtype, device=dev)
+        # capture at the last slot: warm-up writes there are overwritten before any step can read them
+        pos = torch.full((1,), self.cache.size - 1, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: kernels pick their configs and allocate workspaces off the graph
+                self.static_step(x, pos)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.static_step(x, pos)
+        self._graph = _Graph(graph, x, pos, logits)
+        return self._graph
+
+
+class _Graph:
+    def __init__(self, graph, x: torch.Tensor, pos: torch.Tensor, logits: torch.Tensor):
+        self.graph, self.x, self.pos, self.logits = graph, x, pos, logits

@@ -128,6 +128,7 @@ PLANES: dict[int, Callable[[torch.Tensor, Callable], Planes]] = {
     int(T.Q4_0): _q4_0, int(T.Q4_1): _q4_1, int(T.Q5_0): _q5_0, int(T.Q5_1): _q5_1, int(T.Q8_0): _q8_0,
     int(T.Q4_K): _q4_k, int(T.Q5_K): _q5_k,
 }
+PARTS = {t: (2 if fn in (_q5_0, _q5_1, _q8_0, _q5_k) else 1) for t, fn in PLANES.items()}  # int4 planes per type
 
 
 def int4_planes(raw2d: torch.Tensor, qtype: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

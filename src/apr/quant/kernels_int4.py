@@ -44,21 +44,34 @@ def _sz(s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _pack(raw2d, qtype: int, dtype: torch.dtype, multiple: int, pack_plane) -> tuple[dict, int]:
-    """Pack every plane of every row step; planes are stacked along N: [plane 0 rows; plane 1 rows]."""
-    packed: dict[int, list] = {}
-    sz: dict[int, list] = {}
+    """Pack every plane of every row step; planes are stacked along N: [plane 0 rows; plane 1 rows].
+
+    The outputs are allocated once and filled step by step: collecting chunks and concatenating them
+    left the heap fragmented (1.2 GB peak for the 151936-row vocabulary head, vs 170 MB of output)."""
+    n_pad = raw2d.shape[0] + (-raw2d.shape[0] % multiple)
+    out: dict[str, torch.Tensor] = {}
+    r0, parts = 0, 1
     for q, s, z in _planes_in_steps(raw2d, qtype, dtype, multiple):
-        for p in range(q.shape[1]):
-            packed.setdefault(p, []).append(pack_plane(q[:, p]))
-            sz.setdefault(p, []).append(_sz(s[:, p], z[:, p], dtype))
-    planes = sorted(packed)
-    tensors = {"packed": torch.cat([t for p in planes for t in packed[p]]),
-               "sz": torch.cat([t for p in planes for t in sz[p]], dim=1)}
-    return tensors, len(planes)
+        parts, n = q.shape[1], q.shape[0]
+        for p in range(parts):
+            chunk, sz_chunk = pack_plane(q[:, p]), _sz(s[:, p], z[:, p], dtype)  # (n * f, ...), (G, n, 2)
+            f = chunk.shape[0] / n  # packed rows per weight row: 1 on CPU, 1/8 on CUDA (tiles of 8 rows)
+            if not out:
+                out["packed"] = chunk.new_empty((int(parts * n_pad * f), *chunk.shape[1:]))
+                out["sz"] = sz_chunk.new_empty((sz_chunk.shape[0], parts * n_pad, 2))
+            at = p * n_pad + r0
+            out["packed"][int(at * f) : int((at + n) * f)] = chunk
+            out["sz"][:, at : at + n] = sz_chunk
+        r0 += n
+    return out, parts
 
 
 def pack_cpu(raw2d, qtype: int, n_out: int, dtype: torch.dtype, device) -> kn.Prepared:
+    bn = cpu_block_n()
+
     def plane(q: torch.Tensor) -> torch.Tensor:  # (n, K) values 0..15 -> (n, K/2) uint8
+        if bn:  # the layout the probe confirmed, built with byte ops: 4x faster than the int32 op
+            return pack_cpu_direct(q.contiguous(), bn)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
 
     tensors, parts = _pack(raw2d, qtype, dtype, kn._CPU_ROW_MULTIPLE, plane)
@@ -73,7 +86,7 @@ def pack_cuda(raw2d, qtype: int, n_out: int, dtype: torch.dtype, device) -> kn.P
         return torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
 
     tensors, parts = _pack(raw2d, qtype, dtype, kn._CUDA_ROW_MULTIPLE, plane)
-    tensors["sz"] = tensors["sz"].to(device)
+    tensors["sz"] = tensors["sz"].to(device)  # built on the host next to the planes
     return kn.Prepared("int4", dtype, tensors, parts, n_out, f"int4-cuda-ikt{tiles}")
 
 
@@ -122,13 +135,22 @@ def cpu_block_n() -> int:
     except (RuntimeError, AttributeError):
         return 0
     for bn in (16, 32, 64, 128):
-        if torch.equal(unpack_cpu(packed, bn).int(), q):
+        if torch.equal(unpack_cpu(packed, bn).int(), q) and torch.equal(pack_cpu_direct(q.to(torch.uint8), bn), packed):
             return bn
     return 0
 
 
 def cpu_layout() -> str:
     return f"int4-cpu-bn{cpu_block_n()}"
+
+
+def pack_cpu_direct(q: torch.Tensor, bn: int) -> torch.Tensor:
+    """q uint8 (N, K) -> the CPU packer's uint8 (N, K/2) for row block `bn` (the inverse of unpack_cpu)."""
+    n, k = q.shape
+    qv = q.view(n // bn, 2, bn // 2, k)  # (N, K) -> (N/bn, 2, bn/2, K): first and second half of each block
+    out = torch.empty(n // bn, k, bn // 2, dtype=torch.uint8)
+    out.copy_((qv[:, 1] << 4 | qv[:, 0]).transpose(1, 2))  # (N/bn, bn/2, K) -> (N/bn, K, bn/2)
+    return out.view(n, k // 2)
 
 
 def unpack_cpu(packed: torch.Tensor, bn: int) -> torch.Tensor:

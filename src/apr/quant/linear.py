@@ -13,7 +13,7 @@ from torch import nn
 
 from apr.errors import BadModelFile
 from apr.quant import kernels
-from apr.quant.pages import release_file_pages
+from apr.quant.pages import release_file_pages, trim_heap
 from apr.quant.table import dequantize_rows, row_bytes, type_name
 
 
@@ -66,6 +66,7 @@ class QuantLinear(nn.Module):
             p = kernels.prepare(self.raw, self.qtype, self.out_features, self.in_features, dtype, device)
             self._set(p, device)
             release_file_pages(self.raw)
+            trim_heap()
         return p
 
     def _set(self, p: kernels.Prepared, device: torch.device) -> None:

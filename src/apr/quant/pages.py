@@ -17,6 +17,24 @@ import torch
 
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc keeps packing temporaries otherwise: +1 GB of RSS
+    after packing the 0.5B model, measured)."""
+    if sys.platform.startswith("linux"):
+        try:
+            _c().malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _file_ranges() -> list[tuple[int, int]]:
@@ -43,7 +61,6 @@ def release_file_pages(t: torch.Tensor | None) -> bool:
         first, last = -(-begin // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages strictly inside
         if last <= first:
             return False
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
+        return _c().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
     except (OSError, ValueError):
         return False

@@ -1,0 +1,32 @@
+"""Whole-path acceptance on the real default model: `apr run ... --json` answers `def fib(n):` with code
+that parses and defines fib."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REAL_05B, real_model
+
+pytestmark = pytest.mark.real
+
+
+def test_fib_answer_parses_and_defines_fib():
+    real_model(REAL_05B)  # pulled (or skipped outside CI) before timing the run
+    proc = subprocess.run([sys.executable, "-m", "apr.cli", "run", REAL_05B, "--prompt", "def fib(n):",
+                           "--max-tokens", "128", "--json"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    from apr.evals.code import extract_code
+
+    code = extract_code("def fib(n):", out["text"])
+    tree = ast.parse(code)
+    names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert "fib" in names, code
+    assert out["rendered_prompt"].count("<|im_start|>user") == 1  # wrapped once, through the model's template
+    assert out["model_sha256"] == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    assert out["tokens_generated"] == len(out["tokens"]) > 0
