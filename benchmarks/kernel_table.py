@@ -65,7 +65,8 @@ def row(qtype: int, n: int, k: int, repeat: int) -> dict:
     raw = random_blocks(qtype, n * k // qt.block_size).reshape(n, row_bytes(qtype, k))  # (N, row_bytes)
     w = dequantize(raw, qtype, (n, k))
     ql = QuantLinear(raw, qtype, k, n)
-    p = ql.materialize(torch.bfloat16)
+    ql.materialize(torch.bfloat16)
+    p = ql.prepared
     chosen = k4.dequant_rows(p, 0, n, k).float() if p.kind == "int4" else p.tensors["weight"].float()
     q8, s8 = int8_rowwise(w)
     out = {"type": qt.name, "kind": p.kind + (f"x{p.parts}" if p.parts > 1 else ""),

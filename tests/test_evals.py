@@ -88,7 +88,8 @@ def test_chat_answer_restating_the_function_runs_with_the_prompts_helpers():
     # HumanEval/10's make_palindrome calls is_palindrome, defined only in the prompt
     p = PROBLEMS["HumanEval/10"]
     full_fn = p["prompt"].split("def make_palindrome")[1]
-    answer = f"Sure!\n```python\ndef make_palindrome{full_fn}{p['canonical_solution']}\nprint(make_palindrome('ab'))\n```"
+    answer = (f"Sure!\n```python\ndef make_palindrome{full_fn}{p['canonical_solution']}\n"
+              "print(make_palindrome('ab'))\n```")
     assert passes("HumanEval/10", answer, chat=True) == (True, True)
 
 
@@ -195,8 +196,9 @@ def fake_runtime(monkeypatch):
     def generate(lm, prompt, *, chat=None, system=None, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
                  seed=None, stop=None):
         calls.append(prompt)
-        if "HumanEval" not in prompt and "def " in prompt and "has_close_elements" in prompt:
-            text = "```python\n" + PROBLEMS["HumanEval/0"]["prompt"] + PROBLEMS["HumanEval/0"]["canonical_solution"] + "```"
+        if "has_close_elements" in prompt:  # HumanEval/0: answer right, restating the function
+            p = PROBLEMS["HumanEval/0"]
+            text = "```python\n" + p["prompt"] + p["canonical_solution"] + "```"
         elif "class Stack" in prompt:
             text = "Here:\n```python\nclass Stack:\n    def push(self, x:\n```"  # does not parse
         else:

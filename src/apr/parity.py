@@ -1,7 +1,7 @@
 """Layer-by-layer parity of two runs of a network on the same token ids (teacher-forced).
 
     compare(a, b, ids, tol) -> ParityReport   a, b: LoadedModel (or HFReference for b)
-    HFReference(path)                         HF transformers on the same GGUF, float32, hooked per layer
+    HFReference(path, config)                 HF transformers on the same GGUF, float32, hooked per layer
     code_text(), code_ids(tok, n)             real Python source (stdlib), the default text to compare on
 
 B is the reference: std ratios are std(A)/std(B) and the KL divergence is KL(B || A).
@@ -264,15 +264,18 @@ class HFReference:
               "gate": ("mlp.gate_proj", "out"), "up": ("mlp.up_proj", "out"), "swiglu": ("mlp.down_proj", "in"),
               "ffn_out": ("mlp.down_proj", "out")}
 
-    def __init__(self, path, config):
+    def __init__(self, path, config, quiet: bool = False):
         try:
             from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
         except ImportError:
             raise AprError("the hf reference needs HF transformers: pip install transformers accelerate") from None
         if str(path).endswith(".apr"):
             raise AprError("the hf reference reads GGUF files only; export the .apr file to GGUF first")
         self.config, self.capture = config, None
         self.info = {"model": str(path), "sha256": None, "dtype": "float32", "backend": "hf-transformers"}
+        if quiet:
+            hf_logging.disable_progress_bar()
         self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                           dtype=torch.float32).eval()
         self._hook()

@@ -71,7 +71,7 @@ def load_pair(args):
     if reference == "hf":
         from apr.parity import HFReference
 
-        return lm_a, HFReference(Path(lm_a.path), lm_a.config)
+        return lm_a, HFReference(Path(lm_a.path), lm_a.config, quiet=quiet)
     same = args.b is None and a_dtype == b_dtype and args.a_backend == args.b_backend
     if same:
         raise AprError("nothing to compare: give B, --reference, or different --a-/--b-dtype or -backend")

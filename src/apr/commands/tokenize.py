@@ -15,15 +15,13 @@ def setup_parser(p):
 
 def load_tokenizer(spec: str):
     """The Tokenizer of a MODEL argument (registry name or file path)."""
-    from apr.errors import BadModelFile
-    from apr.formats.gguf import read_gguf
     from apr.hub import resolve_model
+    from apr.runtime import read_model_file
     from apr.tokenizer import Tokenizer
 
     path = resolve_model(spec)
-    if path.suffix == ".apr":
-        raise BadModelFile(f"{path}: apr tokenize reads GGUF files only for now")
-    return path, Tokenizer.from_metadata(read_gguf(path).metadata)
+    _, metadata, _ = read_model_file(path)  # .gguf or .apr
+    return path, Tokenizer.from_metadata(metadata)
 
 
 def main(args):

@@ -69,7 +69,8 @@ def format_text(report: dict) -> str:
     lines = []
     for r in report["results"]:
         if r["ok"]:
-            head = f"[ok]    {r['prompt']!r}: {r['node_count']} AST nodes, functions: {', '.join(r['functions']) or '-'}"
+            names = ", ".join(r["functions"]) or "-"
+            head = f"[ok]    {r['prompt']!r}: {r['node_count']} AST nodes, functions: {names}"
         else:
             head = f"[error] {r['prompt']!r}: line {r['error']['line']}: {r['error']['msg']}"
         lines += [head, *("    " + line for line in r["code"].rstrip().splitlines()), ""]

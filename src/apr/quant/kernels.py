@@ -1,23 +1,33 @@
 """Fast matmul formats for ggml weights, keyed by ggml type like the quant table.
 
 `QuantLinear.materialize(dtype, device)` asks `prepare()` for a `Prepared` state and `linear()` runs it.
-float32 never comes here: it is the exact reference path (dense dequantized weights).
+float32 is the exact reference path: prepare() gives it the dense dequantized weight, as always.
 
-Representations for bf16 compute (errors: relative Frobenius error of the weight against the exact
-float32 dequantization; speed: one 4864x896 matvec, bf16 activations, 1 thread, median; measured on the
-2-core AMD EPYC (AVX2, no AVX-512/AMX) dev box under load 6-9, so absolute times are inflated ~3x;
-`benchmarks/kernel_table.py` reprints this table):
+Representations for bf16 compute. err: relative Frobenius error of the weight each representation
+computes with, against the exact float32 dequantization (random ggml blocks); us: median of one matvec
+(T=1, bf16 activations, 1 thread, interleaved rounds) on the 2-core AMD EPYC dev box (AVX2, no AVX-512,
+no AMX) under load average ~9, so absolute times are inflated; `benchmarks/kernel_table.py` reprints it.
 
-    type   chosen   bytes/w  weight err  |  bf16 dense err  matvec us (int4 | bf16 dense | int8/row)
-    Q4_0   int4     0.625    2.1e-3      |  1.9e-3          see benchmarks/README.md
-    Q4_1   int4     0.625    1.2e-3      |  1.3e-3
-    Q4_K   int4     0.625    1.2e-3      |  1.2e-3
-    Q5_0   int4x2   1.25     1.9e-3      |  1.9e-3
-    Q5_1   int4x2   1.25     1.2e-3      |  1.2e-3
-    Q5_K   int4x2   1.25     1.2e-3      |  1.2e-3
-    Q8_0   int4x2   1.25     1.9e-3      |  1.9e-3          (int8 per-row scale: 2.6e-2, rejected)
-    Q6_K   dense    2        1.9e-3      |  1.9e-3          (int8 per-row scale: 1.3e-2, rejected)
-    Q2_K, Q3_K, F16, BF16, F32: dense bf16 (16-value sub-blocks have no exact int4 group-32 form)
+    type  shape     chosen  B/w   err      bf16 dense err  int8/row err | us chosen  bf16 dense  int8/row
+    Q4_0  4864x896  int4    0.625 1.69e-3  1.69e-3         6.27e-3      | 1145       1601        1383
+    Q4_1  4864x896  int4    0.625 2.17e-3  1.69e-3         6.15e-3      |  945       1305        1307
+    Q4_K  896x4864  int4    0.625 2.32e-3  1.66e-3         1.05e-2      | 1089       1606         857
+    Q5_0  4864x896  int4x2  1.25  1.68e-3  1.69e-3         6.36e-3      | 2053       1485        1492
+    Q5_1  4864x896  int4x2  1.25  1.80e-3  1.69e-3         6.27e-3      | 1591       1135         999
+    Q5_K  896x4864  int4x2  1.25  1.88e-3  1.66e-3         1.04e-2      | 1445       1047         584
+    Q8_0  4864x896  int4x2  1.25  1.69e-3  1.69e-3         6.32e-3      | 1980       1462        1380
+    Q6_K  896x4864  dense   2     1.67e-3  1.67e-3         1.02e-2      | 1617       1365         781
+    Q3_K, Q2_K, F16, BF16, F32: dense bf16 (Q3_K 1.68e-3, Q2_K 1.65e-3: the bf16 rounding itself)
+
+Why: int8 weight-only (`_weight_int8pack_mm`) is fast but holds one scale per row; ggml's per-block
+scales do not fit it, and the best per-row int8 is 4-6x less precise than the source, so it is never
+used. On this AVX2 box a two-plane int4 matvec is ~1.4x slower than a dense bf16 one; on the AMX box
+the lead measured (int4 123 us vs bf16 388 us for 4864x896) it is ~1.6x faster. Either way it holds
+the weights at 1.25 bytes instead of 2, which is what keeps peak RSS under 2x the file (0.5B:
+0.59 GB prepared vs 0.85 GB all-dense). Q4_1/Q4_K are 1.3-1.4x the bf16-dense error (their zero point
+is rounded to bf16 on its own), still 3-5x better than int8/row.
+Model level (teacher-forced over 400 tokens, bf16 fast path vs float32): qwen2.5-coder-0.5b Q4_K_M
+top-1 99.0%, mean KL 0.0005; see benchmarks/README.md for the rest.
 
 int4 is torch's tinygemm: w = (q - 8) * scale + zero per group of 32 along K, scale/zero in bf16 (the
 activation dtype). "int4x2" splits a 5- or 8-bit quant into two 4-bit planes (q = lo + 16 * hi) stacked
@@ -25,14 +35,14 @@ along N, so one kernel call gives [x @ W_lo.T, x @ W_hi.T] and one add sums them
 [x, x] as input computes the same, but its matvec measured 3x slower in median on this box while stacking
 along N costs the expected 2x of one plane, 1.93 ms vs 5.9 ms for 2 x 4864x896.) Both planes use the *same*
 bf16-rounded block scale, so the weight error is the bf16 rounding of the scale (2^-9 relative), the same
-as bf16 dense weights; a per-row int8 scale (`_weight_int8pack_mm`) cannot represent ggml's per-block
-scales and measured 10x worse, so it is not used. Q6_K/Q3_K/Q2_K have 16-value sub-blocks with their own
+as bf16 dense weights (table above). Q6_K/Q3_K/Q2_K have 16-value sub-blocks with their own
 scales, which group-32 int4 cannot hold without doubling K, so they stay dense bf16.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,57 +60,69 @@ _CUDA_ROW_MULTIPLE = 8
 _DEQUANT_VALUES = 1 << 22  # values dequantized per prefill step (16 MiB of float32)
 _TILE_ROWS = 128  # prefill tiles start at multiples of this (a multiple of every CPU packer row block)
 
-# rows of x from which a CPU matmul dequantizes tiles and runs a dense GEMM instead of the int4 kernel;
-# measured crossover on AVX2 near 32 rows (benchmarks/kernel_table.py), env APR_PREFILL_ROWS overrides
-PREFILL_ROWS = 32
+# Rows of x from which a CPU int4 matmul dequantizes weight tiles and runs a dense GEMM instead of the
+# int4 kernel (env APR_PREFILL_ROWS overrides). Measured on the AVX2 box (1 thread, ms, Q5_0 4864x896 /
+# Q4_K 896x4864): T=128 kernel 107 / 51 vs tiles 174 / 79; T=256 kernel 220 / 151 vs tiles 149 / 124;
+# T=512 kernel 467 / 223 vs tiles 210 / 170. With AMX or AVX512-BF16 the tiles are bf16 and the GEMM
+# several times faster, so the crossover is far lower (not measured here: no such CPU on this box).
+PREFILL_ROWS_FP32_GEMM = 192
+PREFILL_ROWS_BF16_GEMM = 32
+# A dense bf16 weight is widened to float32 per call from this many rows on (no bf16 GEMM hardware):
+# Q6_K 896x4864 at T=128: bf16 GEMM 196 ms vs widen + float32 GEMM 49 ms.
+WIDEN_ROWS = 16
+
+
+def prefill_rows() -> int:
+    default = PREFILL_ROWS_BF16_GEMM if native_bf16_gemm() else PREFILL_ROWS_FP32_GEMM
+    return int(os.environ.get("APR_PREFILL_ROWS", default))
 
 
 # ---- int4 planes: each type as (q, scale, zero) with w = (q - 8) * scale + zero, exactly ----
-# A plane function maps uint8 blocks (n, type_size) to q uint8 (n, P, bs), scale and zero float32
-# (n, P, bs // 32); `r` rounds a scale to the kernel's scale dtype (kept float32), so every plane
-# derived from one block scale uses the same rounded value.
+# A plane function maps uint8 blocks (n, type_size) to one list per field, one entry per plane:
+# q uint8 (n, bs), scale and zero float32 (n, bs // 32). Planes stay separate tensors: each plane of
+# (N*B) blocks is then a plain view (N, K) of the rows, with no stacking or transposing copies.
+# `r` rounds a scale to the kernel's scale dtype (kept float32), so every plane derived from one block
+# scale uses the same rounded value.
 
-Planes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Planes = tuple[list, list, list]
+
+
+def _nib(b: torch.Tensor) -> torch.Tensor:
+    """Q4_0/Q4_1/Q5_x quants: low nibbles are values 0..15 of the block, high nibbles 16..31."""
+    return torch.cat([b & 15, b >> 4], dim=1)  # (n, 16) -> (n, 32)
 
 
 def _q4_0(b: torch.Tensor, r) -> Planes:
-    n = b.shape[0]
-    d = r(dq._f16(b, 0)).view(n, 1, 1)
-    return dq._nibbles(b[:, 2:], n).view(n, 1, 32), d, torch.zeros_like(d)  # d (q - 8)
+    d = r(dq._f16(b, 0))  # (n, 1)
+    return [_nib(b[:, 2:])], [d], [torch.zeros_like(d)]  # d (q - 8)
 
 
 def _q4_1(b: torch.Tensor, r) -> Planes:
-    n = b.shape[0]
-    d, m = r(dq._f16(b, 0)).view(n, 1, 1), dq._f16(b, 2).view(n, 1, 1)
-    return dq._nibbles(b[:, 4:], n).view(n, 1, 32), d, 8 * d + m  # d q + m
+    d, m = r(dq._f16(b, 0)), dq._f16(b, 2)
+    return [_nib(b[:, 4:])], [d], [8 * d + m]  # d q + m
 
 
 def _split5(lo: torch.Tensor, hi: torch.Tensor, s: torch.Tensor, z_lo: torch.Tensor) -> Planes:
     """5-bit q = lo + 16 hi as two planes: (lo - 8) s + z_lo and (hi - 8) 16 s + 128 s = 16 s hi."""
-    q = torch.stack([lo, hi], dim=1)  # 2 x (n, *rest) -> (n, 2, *rest)
-    return q, torch.stack([s, 16 * s], 1), torch.stack([z_lo, 128 * s], 1)
+    return [lo, hi], [s, 16 * s], [z_lo, 128 * s]
 
 
 def _q5_0(b: torch.Tensor, r) -> Planes:
-    n = b.shape[0]
-    d = r(dq._f16(b, 0)).view(n, 1)
-    q, s, z = _split5(dq._nibbles(b[:, 6:], n), dq._high_bit(b[:, 2:6], n), d, -8 * d)  # d (q - 16)
-    return q, s, z
+    d = r(dq._f16(b, 0))
+    return _split5(_nib(b[:, 6:]), dq._high_bit(b[:, 2:6], b.shape[0]), d, -8 * d)  # d (q - 16)
 
 
 def _q5_1(b: torch.Tensor, r) -> Planes:
-    n = b.shape[0]
-    d, m = r(dq._f16(b, 0)).view(n, 1), dq._f16(b, 2).view(n, 1)
-    return _split5(dq._nibbles(b[:, 8:], n), dq._high_bit(b[:, 4:8], n), d, 8 * d + m)  # d q + m
+    d, m = r(dq._f16(b, 0)), dq._f16(b, 2)
+    return _split5(_nib(b[:, 8:]), dq._high_bit(b[:, 4:8], b.shape[0]), d, 8 * d + m)  # d q + m
 
 
 def _q8_0(b: torch.Tensor, r) -> Planes:
     """int8 q = lo + 16 hi (lo 0..15, hi -8..7): planes d lo and 16 d hi."""
-    n = b.shape[0]
-    d = r(dq._f16(b, 0)).view(n, 1)
+    d = r(dq._f16(b, 0))
     q = b[:, 2:].view(torch.int8)
-    planes = torch.stack([(q & 15).to(torch.uint8), ((q >> 4) + 8).to(torch.uint8)], dim=1)  # (n, 2, 32)
-    return planes, torch.stack([d, 16 * d], 1), torch.stack([8 * d, torch.zeros_like(d)], 1)
+    lo, hi = (q & 15).view(torch.uint8), ((q >> 4) + 8).view(torch.uint8)  # int8 bits reread as 0..15
+    return [lo, hi], [d, 16 * d], [8 * d, torch.zeros_like(d)]
 
 
 def _k_scales(b: torch.Tensor, r) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +134,8 @@ def _k_scales(b: torch.Tensor, r) -> tuple[torch.Tensor, torch.Tensor]:
 def _q4_k(b: torch.Tensor, r) -> Planes:
     n = b.shape[0]
     s, off = _k_scales(b, r)
-    q = dq._bits(b[:, 16:].reshape(n, 4, 32), 4).reshape(n, 1, 256)  # (n, 4, 2, 32) -> (n, 1, 256)
-    return q, s.view(n, 1, 8), (8 * s - off).view(n, 1, 8)  # s q - dmin m
+    q = dq._bits(b[:, 16:].reshape(n, 4, 32), 4).reshape(n, 256)  # (n, 4, 2, 32) -> (n, 256)
+    return [q], [s], [8 * s - off]  # s q - dmin m
 
 
 def _q5_k(b: torch.Tensor, r) -> Planes:
@@ -131,18 +153,14 @@ PLANES: dict[int, Callable[[torch.Tensor, Callable], Planes]] = {
 PARTS = {t: (2 if fn in (_q5_0, _q5_1, _q8_0, _q5_k) else 1) for t, fn in PLANES.items()}  # int4 planes per type
 
 
-def int4_planes(raw2d: torch.Tensor, qtype: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """ggml rows (N, row_bytes) -> q uint8 (N, P, K), scale and zero float32 (N, P, K/32) for P planes."""
+def int4_planes(raw2d: torch.Tensor, qtype: int, scale_dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    """ggml rows (N, row_bytes) -> per plane (q uint8 (N, K), scale float32 (N, K/32), zero float32 (N, K/32))."""
     qt = _lookup(qtype)
     n_rows = raw2d.shape[0]
     blocks = raw2d.reshape(-1, qt.type_size)  # (N, row_bytes) -> (N*B, type_size)
-    q, s, z = PLANES[qt.type_id](blocks, lambda t: t.to(scale_dtype).float())
-    p = q.shape[1]
-
-    def rows(t: torch.Tensor) -> torch.Tensor:  # (N*B, P, c) -> (N, B, P, c) -> (N, P, B, c) -> (N, P, B*c)
-        return t.reshape(n_rows, -1, p, t.shape[-1]).transpose(1, 2).reshape(n_rows, p, -1)
-
-    return rows(q), rows(s), rows(z)
+    qs, ss, zs = PLANES[qt.type_id](blocks, lambda t: t.to(scale_dtype).float())
+    # (N*B, c) -> (N, B*c): the blocks of a row are consecutive, so each plane is a view of its rows
+    return [(q.reshape(n_rows, -1), s.reshape(n_rows, -1), z.reshape(n_rows, -1)) for q, s, z in zip(qs, ss, zs)]
 
 
 # ---- Prepared: what forward needs after materialize ----
@@ -163,6 +181,8 @@ class Prepared:
 
 
 def supports_int4(qtype: int, device: torch.device) -> bool:
+    if os.environ.get("APR_INT4", "1") == "0":  # a diagnostic switch: dense weights in the compute dtype
+        return False
     if device.type == "cpu":
         return int(qtype) in PLANES and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     return device.type == "cuda" and int(qtype) in PLANES
@@ -192,7 +212,7 @@ def linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Ten
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and w.dtype == torch.bfloat16 and rows >= PREFILL_ROWS and not native_bf16_gemm():
+    if x.device.type == "cpu" and w.dtype == torch.bfloat16 and rows >= WIDEN_ROWS and not native_bf16_gemm():
         # without AMX/AVX512-BF16 a bf16 GEMM is several times slower than float32: widen the weight per call
         return chunked_gemm(x, lambda r0, r1: w[r0:r1].float(), w.shape[0], bias)
     return F.linear(x, w, bias)

@@ -53,10 +53,11 @@ class QuantLinear(nn.Module):
     def kind(self) -> str:
         return self.prepared.kind if self.prepared else "none"
 
-    def materialize(self, dtype: torch.dtype = torch.float32, device=None) -> kernels.Prepared:
-        """Prepare for compute in `dtype` on `device` (default: where `raw` is); returns the Prepared state.
+    def materialize(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor | None:
+        """Prepare for compute in `dtype` on `device` (default: where `raw` is) into `self.prepared`.
 
         float32 -> dense exact `weight`; other dtypes -> apr.quant.kernels' format for this ggml type.
+        Returns the dense `weight` (None when the format is packed int4: see `prepared`).
         `raw` is kept (its file pages are released: they are read again only if asked for another dtype).
         """
         device = torch.device(device) if device is not None else self.raw.device
@@ -67,7 +68,7 @@ class QuantLinear(nn.Module):
             self._set(p, device)
             release_file_pages(self.raw)
             trim_heap()
-        return p
+        return self.weight
 
     def _set(self, p: kernels.Prepared, device: torch.device) -> None:
         self.prepared = p
@@ -82,7 +83,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.prepared
         if p is None or p.dtype != x.dtype:
-            p = self.materialize(x.dtype, x.device)
+            self.materialize(x.dtype, x.device)
+            p = self.prepared
         if p.dtype == torch.float32:
             return F.linear(x, self.weight, self.bias)  # the reference path, exactly as it always was
         return kernels.linear(x, p, self.bias)
@@ -95,7 +97,9 @@ class QuantLinear(nn.Module):
         "weight" (dense: (N, K) in dtype) or "packed" + "sz" (int4: the tinygemm buffers, see
         apr.quant.kernels_int4). The bias is not included: it is a GGUF tensor of its own.
         """
-        p = self.prepared if self.prepared is not None else self.materialize(torch.float32)
+        if self.prepared is None:
+            self.materialize(torch.float32)
+        p = self.prepared
         text = f"{p.kind};{p.layout};parts={p.parts};rows={p.rows};dtype={str(p.dtype).removeprefix('torch.')}"
         return {"kind": _tag(text), **p.tensors}
 

@@ -1,0 +1,179 @@
+"""Every fast kernel path against the exact float32 dequantization, on tiny random ggml blocks.
+
+No timing asserts here: speed lives in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from apr.quant import QuantEmbedding, QuantLinear, dequantize, kernels, row_bytes
+from apr.quant import kernels_int4 as k4
+from apr.quant.pages import release_file_pages
+from apr.quant.table import _lookup
+from apr.quant.testing import random_blocks
+
+ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+CUDA = torch.cuda.is_available()
+
+
+def raw_matrix(qtype: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    qt = _lookup(qtype)
+    gen = torch.Generator().manual_seed(seed)
+    return random_blocks(qtype, rows * cols // qt.block_size, gen).reshape(rows, row_bytes(qtype, cols))
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    y = x.double() @ w.double().T  # the bf16 activations, exact weights, float64 products
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: Q(q).name)
+@pytest.mark.parametrize("rows", [1, 5, 48])  # decode, a short chunk, a prefill tile (APR_PREFILL_ROWS=32)
+def test_bf16_paths_match_exact_dequant(qtype, rows, monkeypatch):
+    monkeypatch.setenv("APR_PREFILL_ROWS", "32")
+    monkeypatch.setattr(kernels, "WIDEN_ROWS", 32)
+    n, k = 80, 512  # 80 rows: not a multiple of the packer's row block, so padding is exercised
+    raw = raw_matrix(qtype, n, k, seed=int(qtype))
+    w = dequantize(raw, qtype, (n, k))
+    bias = torch.randn(n)
+    ql = QuantLinear(raw, qtype, k, n, bias)
+    ql.materialize(torch.bfloat16)
+    p = ql.prepared
+    assert p.kind == ("int4" if int(qtype) in kernels.PLANES else "dense")
+    assert p.parts == kernels.PARTS.get(int(qtype), 1)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y = ql(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert rel_err(y, reference(x, w, bias.bfloat16().float())) < 1e-2  # bf16 output rounding is ~4e-3
+
+
+@pytest.mark.parametrize("qtype", sorted(kernels.PLANES), ids=lambda q: Q(q).name)
+def test_int4_planes_reconstruct_the_weights(qtype):
+    """(q - 8) * scale + zero summed over planes is the ggml dequantization (scales kept in float32)."""
+    n, k = 16, 256
+    raw = raw_matrix(qtype, n, k, seed=3)
+    planes = kernels.int4_planes(raw, qtype, torch.float32)  # per plane: (N, K), (N, G), (N, G)
+    assert len(planes) == kernels.PARTS[int(qtype)]
+    g = k // kernels.GROUP
+    w = torch.zeros(n, g, kernels.GROUP)
+    for q, s, z in planes:
+        assert q.dtype == torch.uint8 and int(q.max()) <= 15
+        w += (q.view(n, g, kernels.GROUP).float() - 8) * s.unsqueeze(-1) + z.unsqueeze(-1)  # (N, G, 32)
+    exact = dequantize(raw, qtype, (n, k))
+    torch.testing.assert_close(w.view(n, k), exact, rtol=1e-6, atol=1e-6 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_0, Q.Q8_0])
+def test_prefill_tiles_equal_the_int4_kernel(qtype, monkeypatch):
+    n, k = 200, 512
+    ql = QuantLinear(raw_matrix(qtype, n, k), qtype, k, n)
+    ql.materialize(torch.bfloat16)
+    x = torch.randn(40, k).bfloat16()
+    monkeypatch.setenv("APR_PREFILL_ROWS", "16")
+    tiles = ql(x)  # 40 rows >= 16: dequantized tiles + dense GEMM
+    monkeypatch.setenv("APR_PREFILL_ROWS", "100000")
+    kernel = ql(x)
+    assert rel_err(tiles, kernel) < 1e-2
+
+
+def test_cpu_packing_layout_round_trips():
+    bn = k4.cpu_block_n()
+    if not bn:
+        pytest.skip("this torch build packs int4 in a layout apr does not read; the kernel path is used")
+    q = torch.randint(0, 16, (128, 96), dtype=torch.uint8)
+    direct = k4.pack_cpu_direct(q, bn)
+    assert torch.equal(direct, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+    assert torch.equal(k4.unpack_cpu(direct, bn), q)
+
+
+def test_float32_stays_the_exact_dense_path():
+    raw = raw_matrix(Q.Q5_0, 64, 256)
+    ql = QuantLinear(raw, Q.Q5_0, 256, 64)
+    assert ql.materialize(torch.float32) is ql.weight
+    assert ql.prepared.kind == "dense" and torch.equal(ql.weight, dequantize(raw, Q.Q5_0, (64, 256)))
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(ql(x), x @ ql.weight.T, rtol=0, atol=0)
+
+
+def test_bias_is_recast_from_float32_each_time():
+    bias = torch.randn(64) * 1e3 + 0.123456
+    ql = QuantLinear(raw_matrix(Q.Q4_0, 64, 256), Q.Q4_0, 256, 64, bias)
+    ql.materialize(torch.bfloat16)
+    ql.materialize(torch.float32)
+    assert torch.equal(ql.bias, bias)  # not a bf16 round trip
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K])
+def test_prepared_state_round_trip(qtype):
+    n, k = 96, 256
+    raw = raw_matrix(qtype, n, k)
+    a = QuantLinear(raw, qtype, k, n)
+    a.materialize(torch.bfloat16)
+    state = {key: t.clone() for key, t in a.prepared_state().items()}
+    assert state["kind"].dtype == torch.uint8
+    b = QuantLinear(raw, qtype, k, n)
+    assert b.load_prepared(state, torch.bfloat16)
+    assert b.kind == a.kind
+    x = torch.randn(2, k).bfloat16()
+    assert torch.equal(a(x), b(x))
+
+
+def test_prepared_state_for_another_layout_is_repacked():
+    raw = raw_matrix(Q.Q4_K, 64, 256)
+    a = QuantLinear(raw, Q.Q4_K, 256, 64)
+    a.materialize(torch.bfloat16)
+    state = a.prepared_state()
+    text = bytes(state["kind"].tolist()).decode().replace("int4-cpu-bn", "int4-cpu-bnX")
+    state["kind"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    b = QuantLinear(raw, Q.Q4_K, 256, 64)
+    assert not b.load_prepared(state, torch.bfloat16)  # not reused ...
+    x = torch.randn(1, 256).bfloat16()
+    assert torch.equal(a(x), b(x))  # ... but packed anew from raw
+    assert not b.load_prepared(a.prepared_state(), torch.float32)  # a bf16 state is never used for float32
+
+
+def test_embedding_prepared_state_and_lookup():
+    raw = raw_matrix(Q.Q8_0, 40, 64)
+    emb = QuantEmbedding(raw, Q.Q8_0, 64)
+    assert emb.load_prepared(emb.prepared_state(), torch.bfloat16)
+    ids = torch.tensor([3, 0, 39])
+    out = emb(ids)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, dequantize(raw, Q.Q8_0, (40, 64))[ids].bfloat16())
+
+
+def test_file_pages_are_released_only_for_file_mappings(tmp_path):
+    anon = torch.arange(1 << 16, dtype=torch.uint8)
+    assert not release_file_pages(anon)
+    assert torch.equal(anon, torch.arange(1 << 16, dtype=torch.uint8))  # anonymous memory untouched
+    path = tmp_path / "blob.bin"
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
+    data.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+    assert release_file_pages(mapped[4096:-4096])
+    assert torch.equal(mapped, torch.from_numpy(data))  # the pages read back from the file
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q5_K, Q.Q8_0, Q.Q6_K])
+@pytest.mark.parametrize("rows", [1, 48])
+def test_cuda_paths_match_exact_dequant(qtype, rows):
+    n, k = 80, 512
+    raw = raw_matrix(qtype, n, k, seed=int(qtype))
+    w = dequantize(raw, qtype, (n, k))
+    ql = QuantLinear(raw, qtype, k, n)
+    ql.materialize(torch.bfloat16, "cuda")
+    p = ql.prepared
+    assert p.kind == ("int4" if int(qtype) in kernels.PLANES else "dense")
+    x = torch.randn(rows, k).bfloat16()
+    y = ql(x.cuda())
+    assert y.device.type == "cuda"
+    assert rel_err(y.cpu(), reference(x, w)) < 1e-2
