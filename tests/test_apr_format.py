@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -385,3 +386,18 @@ def test_real_05b_round_trip(tmp_path):
     t_apr = time.perf_counter() - t0
     print(f"read: gguf {t_gguf:.2f}s, apr {t_apr:.2f}s (checksums in the background)")
     assert t_apr < t_gguf
+
+
+def test_convert_verify_roundtrip(tmp_path, tiny_llama, capsys):
+    """`apr convert --verify`: source, .apr and re-exported GGUF give the same greedy tokens, and the
+    stored licence and provenance come back (what contracts SHIP-004 and SHIP-009 check)."""
+    from apr.cli import main
+
+    out = tmp_path / "v.apr"
+    assert main(["convert", str(tiny_llama), "-o", str(out), "--verify", "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)["verify"]
+    assert v["passed"] and v["apr_identical"] and v["export_identical"]
+    assert len(v["tokens_gguf"]) > 0
+    assert v["license"] == "unknown"
+    assert v["provenance"]["source"]["file"] == tiny_llama.name
+    assert v["provenance"]["source"]["sha256"] == hashlib.sha256(tiny_llama.read_bytes()).hexdigest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import struct
 
@@ -22,13 +23,10 @@ from apr.qa.gates import selection
 from apr.qa.report import baseline
 from apr.runtime import load_model
 from conftest import REAL_05B, real_model
-from tiny_gguf import write_tiny_gguf
+from tiny_gguf import CHATML, write_tiny_gguf
 
 STATIC = ["capability_match", "tensor_contract", "metadata_plausibility", "tokenizer_roundtrip", "chat_template"]
-CHATML_NO_GEN = (  # tiny_gguf.CHATML without its `add_generation_prompt` branch
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}"
-)
+CHATML_NO_GEN = CHATML.split("{% if add_generation_prompt %}")[0]  # ChatML without the generation prompt
 
 
 @pytest.fixture(autouse=True)
@@ -234,7 +232,8 @@ def test_missing_code_fails_never_skips(tiny_qwen, monkeypatch):
 
 def test_reference_parity_skips_without_transformers(tiny_qwen, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
     g = gates(run_qa(tiny_qwen, only=["reference_parity"], keep=False))["reference_parity"]
     assert g.skipped and g.passed and "transformers is not installed" in g.message
 
@@ -259,20 +258,26 @@ def patch_rope_theta(src, dst, theta: float) -> None:
         f.write(struct.pack({6: "<f", 12: "<d"}[vtype], theta))
 
 
+@pytest.fixture(scope="module")
+def real_path():
+    """Resolved before the per-test $APR_HOME exists (module scope sets up first): no second pull."""
+    return real_model(REAL_05B)
+
+
+@pytest.fixture(scope="module")
+def real_lm(real_path):
+    return load_model(real_path, quiet=True)
+
+
 @pytest.mark.real
-def test_real_rope_theta_patch_fails_metadata(tmp_path, capsys):
+def test_real_rope_theta_patch_fails_metadata(real_path, tmp_path, capsys):
     bad = tmp_path / "qwen-rope1e4.gguf"
-    patch_rope_theta(real_model(REAL_05B), bad, 10000.0)
+    patch_rope_theta(real_path, bad, 10000.0)
     rc = cli(["qa", str(bad), "--json", "--only", "metadata_plausibility", "--only", "capability_match"])
     doc = json.loads(capsys.readouterr().out)
     g = {x["name"]: x for x in doc["gates"]}
     assert rc == 5 and not g["metadata_plausibility"]["passed"] and g["capability_match"]["passed"]
     assert "rope theta 10000 is implausible for qwen2" in g["metadata_plausibility"]["message"]
-
-
-@pytest.fixture(scope="module")
-def real_lm():
-    return load_model(real_model(REAL_05B), quiet=True)
 
 
 def shuffle_attention_rows(lm, seed: int = 0) -> list:
@@ -307,7 +312,9 @@ def test_real_shuffled_attention_fails_golden_output(real_lm):
 @pytest.mark.real
 @pytest.mark.reference
 def test_real_model_passes_every_gate(real_lm):
-    report = run_qa(ctx=QAContext.with_model(real_lm))
+    # APR_QA_MIN_TPS: a shared, overloaded box cannot reach the default 10 tok/s; say so explicitly
+    options = QAOptions(real_lm.dtype, real_lm.backend, min_tps=float(os.environ.get("APR_QA_MIN_TPS", 10)))
+    report = run_qa(ctx=QAContext.with_model(real_lm, options))
     failed = [f"{g.name}: {g.message}" for g in report.gates if not g.passed]
     assert report.passed, failed
     skipped = {g.name for g in report.gates if g.skipped}

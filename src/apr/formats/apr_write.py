@@ -210,6 +210,19 @@ def _write_entry(out, e: Entry) -> None:
 
 # ---- GGUF -> .apr ----
 
+def _license(metadata: dict, source_sha: str) -> tuple[str, str]:
+    """The licence and where it came from: the GGUF's general.license, else apr's registry entry for a file
+    with this exact sha256 (from the upstream model card), else "unknown" (said so, never guessed)."""
+    from apr.hub import registry_entry_for_sha256
+
+    if metadata.get("general.license"):
+        return str(metadata["general.license"]), "from general.license"
+    entry = registry_entry_for_sha256(source_sha)
+    if entry is not None:
+        return entry.license, f"from apr's registry entry {entry.name} (the source GGUF has no general.license key)"
+    return "unknown", "the source GGUF has no general.license key"
+
+
 def convert_gguf(src: Path, dst: Path, mode: str = "keep", progress: bool = True,
                  prepare_dtype: str | None = None) -> dict[str, Any]:
     """Write `dst` (.apr) from the GGUF `src`; returns a summary for the command to print."""
@@ -227,9 +240,10 @@ def convert_gguf(src: Path, dst: Path, mode: str = "keep", progress: bool = True
         entries += prepared_entries(_as_stored(entries, g.tensors, mode), prepare_dtype)
     types = gguf_kv_types(src)
     types.setdefault("general.file_type", (4, None))  # UINT32, as llama.cpp writes it
-    license_ = metadata.get("general.license")
+    source_sha = sha256_file(src)
+    license_, license_note = _license(metadata, source_sha)
     provenance = {
-        "source": {"file": src.name, "sha256": sha256_file(src), "size": src.stat().st_size, "format": "gguf",
+        "source": {"file": src.name, "sha256": source_sha, "size": src.stat().st_size, "format": "gguf",
                    "gguf_version": g.metadata.get("GGUF.version")},
         "apr_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -238,8 +252,8 @@ def convert_gguf(src: Path, dst: Path, mode: str = "keep", progress: bool = True
     meta = {
         "format": fmt.FORMAT, "apr.format_version": str(fmt.FORMAT_VERSION),
         "apr.config": json.dumps(config.to_dict()),
-        "apr.license": str(license_) if license_ else "unknown",
-        "apr.license_note": "from general.license" if license_ else "the source GGUF has no general.license key",
+        "apr.license": license_,
+        "apr.license_note": license_note,
         "apr.provenance": json.dumps(provenance),
         "apr.gguf_kv": encode_kv(metadata, types),
     }

@@ -102,9 +102,9 @@ def format_parity(ctx) -> Outcome:
     if not all(STD_BAND[0] <= x <= STD_BAND[1] for x in ratios):
         problems.append(f"std ratio {worst:.3f} outside {list(STD_BAND)} (first at layer {r.first_divergent_layer} "
                         f"{r.first_divergent_point})")
-    kind = other_path.suffix
-    msg = "; ".join(problems) or (f"{kind} conversion: {len(mine)} identical greedy tokens; std ratios of "
-                                  f"{len(ratios)} points, the farthest from 1 is {worst:.6f}; logits cosine {r.logits['cosine']:.6f}")
+    msg = "; ".join(problems) or (f"{other_path.suffix} conversion: {len(mine)} identical greedy tokens; "
+                                  f"std ratios of {len(ratios)} points, the farthest from 1 is {worst:.6f}; "
+                                  f"logits cosine {r.logits['cosine']:.6f}")
     return Outcome(not problems, msg, value=round(worst, 6), threshold=f"[{STD_BAND[0]}, {STD_BAND[1]}]")
 
 

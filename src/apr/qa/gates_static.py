@@ -212,7 +212,8 @@ def _theta_range(arch: str) -> str:
 def _rope_problems(cfg) -> list[str]:
     lo, hi = ROPE_THETA.get(cfg.architecture, (1e3, 1e7))
     if not lo <= cfg.rope_theta <= hi:  # qwen2 trained at 1e6: 1e4 (llama's default) wrecks long prompts
-        return [f"rope theta {cfg.rope_theta:g} is implausible for {cfg.architecture} (want {_theta_range(cfg.architecture)})"]
+        want = _theta_range(cfg.architecture)
+        return [f"rope theta {cfg.rope_theta:g} is implausible for {cfg.architecture} (want {want})"]
     return []
 
 
@@ -262,7 +263,8 @@ CORPUS = (
 def tokenizer_roundtrip(ctx) -> Outcome:
     tok = ctx.tokenizer()
     bad_text = [(x, y) for x in CORPUS if (y := tok.decode(tok.encode(x, add_bos=False))) != x]
-    specials = sorted(set(tok.special_ids) | {i for i in (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) if i is not None})
+    named = (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id)
+    specials = sorted(set(tok.special_ids) | {i for i in named if i is not None})
     bad_special = [(i, tok.id_to_token(i), got) for i in specials
                    if (got := tok.encode(tok.id_to_token(i), add_bos=False)) != [i]]
     problems = [f"{x!r} decodes back as {y!r}" for x, y in bad_text[:3]]

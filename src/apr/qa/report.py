@@ -115,7 +115,10 @@ def format_table(report: QAReport) -> str:
     for r in [head, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
     verdict = "PASS" if report.passed else "FAIL"
-    lines += ["", f"{verdict}: {report.summary} ({report.total_duration_ms / 1000:.1f}s)"]
+    load = report.system_info.get("load_s")
+    where = f"{report.system_info.get('backend')}, {report.system_info.get('dtype')}"
+    lines += ["", f"{verdict}: {report.summary} ({report.total_duration_ms / 1000:.1f}s"
+                  + (f", of which loading {load:.1f}s on {where})" if load else ")")]
     return "\n".join(lines)
 
 
@@ -142,7 +145,8 @@ def save(report: QAReport) -> Path | None:
     if not report.model_sha256:
         return None
     d = reports_dir(report.model_sha256)
-    name = report.timestamp.replace(":", "").replace("+", "Z") + f"-{os.getpid()}.json"
+    stamp = report.timestamp[:23].replace("-", "").replace(":", "")  # 20260101T120000.123 (UTC)
+    name = f"{stamp}Z-{os.getpid()}.json"
     try:
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / (name + ".tmp")
