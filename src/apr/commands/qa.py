@@ -18,8 +18,10 @@ def setup_parser(p):
 
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
-    p.add_argument("--skip", action="append", default=[], metavar="GATE", help="leave this gate out (repeatable)")
-    p.add_argument("--only", action="append", default=[], metavar="GATE", help="run only this gate (repeatable)")
+    p.add_argument("--skip", action="extend", nargs="+", default=[], metavar="GATE",
+                   help="leave these gates out (repeatable)")
+    p.add_argument("--only", action="extend", nargs="+", default=[], metavar="GATE",
+                   help="run only these gates (repeatable)")
     p.add_argument("--min-tps", type=float, default=10.0, help="throughput floor in decode tok/s (default 10)")
     p.add_argument("--min-executed", type=int, default=0, metavar="N",
                    help="fail unless at least N gates executed (skips do not count)")
