@@ -99,7 +99,8 @@ class _LogitAcc(_Acc):
         """la, lb (c, vocab); targets (c,) the next token id of each position, -1 where there is none."""
         self.add(la, lb)
         lpa, lpb = F.log_softmax(la.float(), -1), F.log_softmax(lb.float(), -1)  # (c, vocab)
-        self.kl += float((lpb.exp() * (lpb - lpa)).sum())
+        kl = (lpb.exp() * (lpb - lpa)).sum(-1)  # (c,) KL(B || A) per position
+        self.kl += float(kl.clamp_min(0).sum())  # float32 rounding can dip an exact match below 0
         self.top1 += int((la.argmax(-1) == lb.argmax(-1)).sum())
         self.positions += la.shape[0]
         has = targets >= 0
@@ -155,10 +156,9 @@ class _AprRunner:
     def run(self, ids: torch.Tensor, pos: int, capture) -> torch.Tensor:
         """ids (c,) at [pos, pos+c) -> float32 logits (c, vocab), calling capture(layer, point, x)."""
         model = self.lm.model
-        device = next(model.buffers()).device  # the norms' weights live where the model computes
-        old, model.tap = model.tap, capture
+        old, model.tap = model.tap, capture  # host ids on every backend: the embedding table stays on the host
         try:
-            return model(ids.to(device), pos, all_logits=True)
+            return model(ids, pos, all_logits=True)
         finally:
             model.tap = old
 

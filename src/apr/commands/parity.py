@@ -19,7 +19,7 @@ def setup_parser(p):
     add_model_args(p, dtype=False, backend=False)
     p.add_argument("b", nargs="?", default=None, metavar="B",
                    help="the model to compare against (the reference); 'hf' for HF transformers (default: A)")
-    add_prompt_args(p)
+    add_prompt_args(p, "compare on this prompt (default: ~2k tokens of Python stdlib source)")
     p.add_argument("--text-file", default=None, help="compare on this file's text, as is (no chat template)")
     p.add_argument("--max-tokens", type=int, default=2048, help="use at most this many tokens (default 2048)")
     p.add_argument("--reference", choices=["hf", "float32"], default=None,

@@ -27,7 +27,9 @@ def setup_parser(p):
                    help="fail unless at least N gates executed (skips do not count)")
     p.add_argument("--no-save", action="store_true",
                    help="do not add this run to $APR_HOME/qa-reports (the performance baseline history)")
-    p.epilog = "gates, in order: " + "; ".join(f"{g.name} ({g.what})" for g in GATES)
+    p.epilog = ("gates, in order: " + "; ".join(f"{g.name} ({g.what})" for g in GATES)
+                + ". A gate whose prerequisite is absent here (no GPU, no transformers) is skipped with the reason. "
+                "Exit 0 when every executed gate passes, 5 when any fails. Reports are kept in $APR_HOME/qa-reports.")
 
 
 def main(args):

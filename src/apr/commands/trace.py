@@ -8,8 +8,8 @@ import sys
 from apr.commands._common import add_model_args, load
 
 
-def add_prompt_args(p) -> None:
-    p.add_argument("--prompt", "-p", default=None, help="the prompt (default: read standard input)")
+def add_prompt_args(p, prompt_help: str = "the prompt (default: read standard input)") -> None:
+    p.add_argument("--prompt", "-p", default=None, help=prompt_help)
     p.add_argument("--system", default=None, help="system message (chat mode)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=None,
