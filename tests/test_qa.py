@@ -211,7 +211,8 @@ def test_throughput_floor(tiny_qwen):
 
 def test_live_gates_on_tiny(tiny_qwen):
     """Everything but golden_output passes on a random model (its answers are gibberish, by design)."""
-    g = gates(run_qa(tiny_qwen, skip=["reference_parity"], keep=False))
+    # the floor is not what this test is about: the shared test box is often loaded far below 10 tok/s
+    g = gates(run_qa(tiny_qwen, QAOptions(min_tps=0.5), skip=["reference_parity"], keep=False))
     assert not g["golden_output"].passed and "gibberish" in g["golden_output"].message
     assert g["backend_parity"].skipped == (not torch.cuda.is_available())
     failed = [n for n, r in g.items() if not r.passed and n != "golden_output"]
@@ -306,6 +307,7 @@ def test_real_shuffled_attention_fails_golden_output(real_lm):
         g = gates(run_qa(ctx=QAContext.with_model(real_lm), only=["golden_output"], keep=False))["golden_output"]
     finally:
         restore_rows(real_lm, saved)
+    print(g.message)  # shown with -rA: what the broken model answered
     assert not g.passed, g.message
 
 
