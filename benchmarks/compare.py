@@ -67,13 +67,15 @@ def run_apr(path: str, a) -> dict:
 # ---- children: one engine each, timed alike ----
 
 def _timed_loop(prefill, step, ids: list[int], gen: int, iterations: int) -> dict:
-    """prefill(ids) -> first token; step(token, pos) -> next token. Medians over iterations."""
-    pre, dec, first = [], [], None
+    """prefill(ids) -> first token; step(token, pos) -> next token. Medians over iterations.
+
+    First a 16-token warm-up prefill, as `apr bench` does: its first token is the first-token latency."""
+    prefill(ids[:16])
+    pre, dec, first = [], [], time.time()
     for _ in range(iterations):
         t0 = time.perf_counter()
         tok = prefill(ids)
         t1 = time.perf_counter()
-        first = first or t1
         for i in range(gen - 1):
             tok = step(tok, len(ids) + i)
         t2 = time.perf_counter()
@@ -90,14 +92,19 @@ def child_llama(job: dict) -> dict:
     llm = Llama(model_path=job["path"], n_ctx=len(ids) + gen + 8, n_batch=max(len(ids), 8), n_ubatch=512,
                 n_threads=job["threads"], n_threads_batch=job["threads"], verbose=False)
 
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:  # eval() keeps no logits without logits_all: read the context's last row
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
     def prefill(toks):
         llm.reset()
         llm.eval(toks)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return last_argmax()
 
     def step(tok, pos):
         llm.eval([tok])
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return last_argmax()
 
     return _timed_loop(prefill, step, ids, gen, job["iterations"])
 
@@ -129,7 +136,9 @@ def child_transformers(job: dict) -> dict:
 def child_main(engine: str, job: dict) -> None:
     import resource
 
-    t0 = job["t0"]
+    from apr.commands.bench import process_start
+
+    t0 = process_start()
     out = {"llama": child_llama, "transformers": child_transformers}[engine](job)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"prefill": out["prefill"], "decode": out["decode"], "first_token_s": out["first"] - t0,
@@ -144,10 +153,10 @@ def run_model(spec: str, a) -> list[dict]:
     rows = [{"model": spec, "engine": "apr", **run_apr(path, a)}]
     base = {"path": path, "threads": a.threads, "iterations": a.iterations}
     if not a.skip_llama:
-        job = {**base, "ids": ids, "gen": a.gen_tokens, "t0": time.time()}
+        job = {**base, "ids": ids, "gen": a.gen_tokens}
         rows.append({"model": spec, "engine": "llama.cpp", **_child("llama", job)})
     if not a.skip_transformers:
-        job = {**base, "ids": ids[: a.hf_prompt_tokens], "gen": a.hf_tokens, "iterations": 1, "t0": time.time()}
+        job = {**base, "ids": ids[: a.hf_prompt_tokens], "gen": a.hf_tokens, "iterations": 1}
         rows.append({"model": spec, "engine": "transformers", "note": f"{a.hf_prompt_tokens}+{a.hf_tokens} tokens",
                      **_child("transformers", job)})
     return rows

@@ -150,7 +150,7 @@ def bench(path: Path, prompt: int, gen: int, iterations: int) -> dict:
     out = {"load_s": round(load_s, 1), "weight_gb": round(weight_bytes(lm.model) / 1e9, 3), "chain": lm.backend_chain}
     for graphs in ("1", "0"):
         os.environ["APR_CUDA_GRAPHS"] = graphs
-        m = measure(lm, prompt, gen, iterations, 1, time.perf_counter())
+        m = measure(lm, prompt, gen, iterations, 1, time.time())
         out["graphs" if graphs == "1" else "eager"] = {"decode_tok_s": round(m["decode"]["median"], 2),
                                                        "prefill_tok_s": round(m["prefill"]["median"], 1)}
     os.environ.pop("APR_CUDA_GRAPHS", None)

@@ -146,3 +146,22 @@ def test_cpu_prepared_cache_round_trip(tiny_qwen, home):
     third = load_model(tiny_qwen, dtype="bfloat16", backend="cpu", quiet=True)
     third.model.setup_cache(8)
     assert torch.equal(third.model(ids, 0, all_logits=True), out[0])
+
+
+def test_apr_prepared_states_load_without_packing(tmp_path, home, monkeypatch):
+    from gguf import GGMLQuantizationType as Q
+    from tiny_gguf import write_tiny_gguf
+
+    from apr.formats.apr_write import convert_gguf
+    from apr.quant import kernels
+
+    src = write_tiny_gguf(tmp_path / "p.gguf", "qwen2", Q.Q5_0)
+    convert_gguf(src, tmp_path / "p.apr", "keep", progress=False, prepare_dtype="bfloat16")
+
+    def no_packing(*a, **k):
+        raise AssertionError("packed although the .apr file stores the prepared state")
+
+    monkeypatch.setattr(kernels, "prepare", no_packing)
+    lm = load_model(tmp_path / "p.apr", dtype="bfloat16", backend="cpu", quiet=True)
+    lm.model.setup_cache(8)
+    assert torch.isfinite(lm.model(torch.tensor([5, 77, 200]), 0)).all()

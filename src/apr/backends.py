@@ -59,6 +59,8 @@ def _build_on(device: str) -> Callable:
         from apr.quant import prepared_cache
 
         model = Transformer(config, build_modules(config, tensors))
+        if device == "cpu" and _load_stored(model, config, tensors, dtype):
+            return model.materialize(dtype, device)  # a .apr file's prepared states: nothing is packed
         cacheable = device == "cpu" and dtype != torch.float32 and sha256 and prepared_cache.enabled()
         if cacheable and prepared_cache.load(model, sha256, dtype):
             return model.materialize(dtype, device)  # every linear is prepared already: nothing is packed
@@ -68,6 +70,20 @@ def _build_on(device: str) -> Callable:
         return model
 
     return build
+
+
+def _load_stored(model, config, tensors: dict, dtype: torch.dtype) -> bool:
+    """Load the prepared states a .apr file stores for `dtype` (tensor.prepared); True if every linear had one."""
+    from apr.quant import QuantLinear
+
+    name = str(dtype).removeprefix("torch.")
+    used = []
+    for mod_name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            src = "token_embd" if mod_name == "output" and config.tied_embeddings else mod_name
+            state = getattr(tensors.get(src + ".weight"), "prepared", {}).get(name)
+            used.append(bool(state) and module.load_prepared(state, dtype))
+    return bool(used) and all(used)
 
 
 def _all_types() -> set:

@@ -6,28 +6,28 @@ float32 is the exact reference path: prepare() gives it the dense dequantized we
 Representations for bf16 compute. err: relative Frobenius error of the weight each representation
 computes with, against the exact float32 dequantization (random ggml blocks); us: median of one matvec
 (T=1, bf16 activations, 1 thread, interleaved rounds) on the 2-core AMD EPYC dev box (AVX2, no AVX-512,
-no AMX) under load average ~9, so absolute times are inflated; `benchmarks/kernel_table.py` reprints it.
+no AMX) at load average 2.9; `benchmarks/kernel_table.py` reprints it.
 
     type  shape     chosen  B/w   err      bf16 dense err  int8/row err | us chosen  bf16 dense  int8/row
-    Q4_0  4864x896  int4    0.625 1.69e-3  1.69e-3         6.27e-3      | 1145       1601        1383
-    Q4_1  4864x896  int4    0.625 2.17e-3  1.69e-3         6.15e-3      |  945       1305        1307
-    Q4_K  896x4864  int4    0.625 2.32e-3  1.66e-3         1.05e-2      | 1089       1606         857
-    Q5_0  4864x896  int4x2  1.25  1.68e-3  1.69e-3         6.36e-3      | 2053       1485        1492
-    Q5_1  4864x896  int4x2  1.25  1.80e-3  1.69e-3         6.27e-3      | 1591       1135         999
-    Q5_K  896x4864  int4x2  1.25  1.88e-3  1.66e-3         1.04e-2      | 1445       1047         584
-    Q8_0  4864x896  int4x2  1.25  1.69e-3  1.69e-3         6.32e-3      | 1980       1462        1380
-    Q6_K  896x4864  dense   2     1.67e-3  1.67e-3         1.02e-2      | 1617       1365         781
+    Q4_0  4864x896  int4    0.625 1.69e-3  1.69e-3         6.27e-3      |  911       1305        1153
+    Q4_1  4864x896  int4    0.625 2.17e-3  1.69e-3         6.15e-3      | 1151       1526        1291
+    Q4_K  896x4864  int4    0.625 2.32e-3  1.66e-3         1.05e-2      | 1133       1585         895
+    Q5_0  4864x896  int4x2  1.25  1.68e-3  1.69e-3         6.36e-3      | 2019       1516        1355
+    Q5_1  4864x896  int4x2  1.25  1.80e-3  1.69e-3         6.27e-3      | 1884       1633        1349
+    Q5_K  896x4864  int4x2  1.25  1.88e-3  1.66e-3         1.04e-2      | 2141       1776        1016
+    Q8_0  4864x896  int4x2  1.25  1.69e-3  1.69e-3         6.32e-3      | 1780       1593        1253
+    Q6_K  896x4864  dense   2     1.67e-3  1.67e-3         1.02e-2      | 1594       1311         770
     Q3_K, Q2_K, F16, BF16, F32: dense bf16 (Q3_K 1.68e-3, Q2_K 1.65e-3: the bf16 rounding itself)
 
 Why: int8 weight-only (`_weight_int8pack_mm`) is fast but holds one scale per row; ggml's per-block
 scales do not fit it, and the best per-row int8 is 4-6x less precise than the source, so it is never
-used. On this AVX2 box a two-plane int4 matvec is ~1.4x slower than a dense bf16 one; on the AMX box
-the lead measured (int4 123 us vs bf16 388 us for 4864x896) it is ~1.6x faster. Either way it holds
-the weights at 1.25 bytes instead of 2, which is what keeps peak RSS under 2x the file (0.5B:
-0.59 GB prepared vs 0.85 GB all-dense). Q4_1/Q4_K are 1.3-1.4x the bf16-dense error (their zero point
+used. On this AVX2 box torch's int4 kernel is slow (~5 G weights/s per core): a two-plane matvec is
+~1.2-1.3x slower than a dense bf16 one. On the AMX box the issue measured (int4 123 us vs bf16 388 us
+for 4864x896) it is ~1.6x faster. Either way it holds the weights at 1.25 bytes instead of 2,
+which is what keeps peak RSS near 2x the file (0.5B: 0.59 GB prepared vs 0.85 GB all-dense). Q4_1/Q4_K are 1.3-1.4x the bf16-dense error (their zero point
 is rounded to bf16 on its own), still 3-5x better than int8/row.
 Model level (teacher-forced over 400 tokens, bf16 fast path vs float32): qwen2.5-coder-0.5b Q4_K_M
-top-1 99.0%, mean KL 0.0005; see benchmarks/README.md for the rest.
+top-1 98.5%, mean KL 0.0005; see benchmarks/README.md for the rest.
 
 int4 is torch's tinygemm: w = (q - 8) * scale + zero per group of 32 along K, scale/zero in bf16 (the
 activation dtype). "int4x2" splits a 5- or 8-bit quant into two 4-bit planes (q = lo + 16 * hi) stacked
