@@ -148,13 +148,15 @@ def test_cpu_prepared_cache_round_trip(tiny_qwen, home):
     assert torch.equal(third.model(ids, 0, all_logits=True), out[0])
 
 
-def test_apr_prepared_states_load_without_packing(tmp_path, home, monkeypatch):
+@pytest.mark.parametrize("native", ["1", "0"])  # the native kernel's state (the blocks) or torch's int4 packing
+def test_apr_prepared_states_load_without_packing(tmp_path, home, monkeypatch, native):
     from gguf import GGMLQuantizationType as Q
     from tiny_gguf import write_tiny_gguf
 
     from apr.formats.apr_write import convert_gguf
     from apr.quant import kernels
 
+    monkeypatch.setenv("APR_NATIVE", native)
     src = write_tiny_gguf(tmp_path / "p.gguf", "qwen2", Q.Q5_0)
     convert_gguf(src, tmp_path / "p.apr", "keep", progress=False, prepare_dtype="bfloat16")
 

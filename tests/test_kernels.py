@@ -10,7 +10,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from apr.quant import QuantEmbedding, QuantLinear, dequantize, kernels, row_bytes
+from apr.quant import QuantEmbedding, QuantLinear, dequantize, kernels, native, row_bytes
 from apr.quant import kernels_int4 as k4
 from apr.quant.pages import release_file_pages
 from apr.quant.table import _lookup
@@ -18,6 +18,21 @@ from apr.quant.testing import random_blocks
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Run a test on both CPU paths: the native ggml kernel (where it builds) and torch's kernels alone."""
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native kernel unavailable: {native.status()}")
+    monkeypatch.setenv("APR_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
+
+
+def expected_kind(qtype: int, path: str) -> str:
+    if path == "native" and native.supports(qtype):
+        return "ggml"
+    return "int4" if int(qtype) in kernels.PLANES else "dense"
 
 
 def raw_matrix(qtype: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -37,7 +52,7 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: Q(q).name)
 @pytest.mark.parametrize("rows", [1, 5, 48])  # decode, a short chunk, a prefill tile (APR_PREFILL_ROWS=32)
-def test_bf16_paths_match_exact_dequant(qtype, rows, monkeypatch):
+def test_bf16_paths_match_exact_dequant(qtype, rows, path, monkeypatch):
     monkeypatch.setenv("APR_PREFILL_ROWS", "32")
     monkeypatch.setattr(kernels, "WIDEN_ROWS", 32)
     n, k = 80, 512  # 80 rows: not a multiple of the packer's row block, so padding is exercised
@@ -47,8 +62,8 @@ def test_bf16_paths_match_exact_dequant(qtype, rows, monkeypatch):
     ql = QuantLinear(raw, qtype, k, n, bias)
     ql.materialize(torch.bfloat16)
     p = ql.prepared
-    assert p.kind == ("int4" if int(qtype) in kernels.PLANES else "dense")
-    assert p.parts == kernels.PARTS.get(int(qtype), 1)
+    assert p.kind == expected_kind(qtype, path)
+    assert p.parts == (1 if p.kind == "ggml" else kernels.PARTS.get(int(qtype), 1))
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).bfloat16()
     y = ql(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
@@ -73,6 +88,7 @@ def test_int4_planes_reconstruct_the_weights(qtype):
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_0, Q.Q8_0])
 def test_prefill_tiles_equal_the_int4_kernel(qtype, monkeypatch):
+    monkeypatch.setenv("APR_NATIVE", "0")
     n, k = 200, 512
     ql = QuantLinear(raw_matrix(qtype, n, k), qtype, k, n)
     ql.materialize(torch.bfloat16)
@@ -112,7 +128,7 @@ def test_bias_is_recast_from_float32_each_time():
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K])
-def test_prepared_state_round_trip(qtype):
+def test_prepared_state_round_trip(qtype, path):
     n, k = 96, 256
     raw = raw_matrix(qtype, n, k)
     a = QuantLinear(raw, qtype, k, n)
@@ -126,7 +142,8 @@ def test_prepared_state_round_trip(qtype):
     assert torch.equal(a(x), b(x))
 
 
-def test_prepared_state_for_another_layout_is_repacked():
+def test_prepared_state_for_another_layout_is_repacked(monkeypatch):
+    monkeypatch.setenv("APR_NATIVE", "0")  # int4 layouts are what a state can disagree on
     raw = raw_matrix(Q.Q4_K, 64, 256)
     a = QuantLinear(raw, Q.Q4_K, 256, 64)
     a.materialize(torch.bfloat16)

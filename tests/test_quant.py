@@ -109,16 +109,16 @@ def test_quant_linear_forward_equals_f_linear(qtype):
 
 
 def test_quant_linear_materialize_dtype_and_state():
-    raw = _matrix(T.Q6_K, 16, 256, seed=7)
-    layer = QuantLinear(raw, T.Q6_K, 256, 16, bias=torch.ones(16))
+    raw = _matrix(T.Q3_K, 16, 256, seed=7)
+    layer = QuantLinear(raw, T.Q3_K, 256, 16, bias=torch.ones(16))  # no native kernel: dense bf16
     weight = layer.materialize(torch.bfloat16)
     assert weight is layer.weight and weight.dtype == torch.bfloat16
-    assert torch.equal(weight, _reference(raw, T.Q6_K).to(torch.bfloat16))
+    assert torch.equal(weight, _reference(raw, T.Q3_K).to(torch.bfloat16))
     x = torch.randn(2, 256, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16
     assert set(layer.state_dict()) == {"raw", "bias"}  # the dense weight is derived, not saved
-    with pytest.raises(BadModelFile, match="Q6_K"):
-        QuantLinear(raw, T.Q6_K, 512, 16)  # bytes do not fit the claimed shape
+    with pytest.raises(BadModelFile, match="Q3_K"):
+        QuantLinear(raw, T.Q3_K, 512, 16)  # bytes do not fit the claimed shape
 
 
 def test_quant_embedding_dequantizes_only_requested_rows():

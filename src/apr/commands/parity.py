@@ -29,6 +29,9 @@ def setup_parser(p):
     p.add_argument("--b-dtype", choices=DTYPES, default=None)
     p.add_argument("--a-backend", choices=BACKENDS, default="auto")
     p.add_argument("--b-backend", choices=BACKENDS, default="auto")
+    p.add_argument("--chunk", type=int, default=None, metavar="N",
+                   help="positions per forward call (default: as many as memory allows, the prefill path); "
+                        "8 or fewer send every matmul through the decode kernels")
     p.add_argument("--points", default="all",
                    help="comma-separated tap points to compare, or 'all' (default); e.g. residual")
     p.add_argument("--min-cosine", type=float, default=0.99, help="per-point cosine threshold (default 0.99)")
@@ -47,7 +50,9 @@ def main(args):
     tol = Tolerance(args.min_cosine, tuple(args.std_band), args.max_kl, args.min_top1)
     lm_a, b = load_pair(args)
     ids, source = token_ids(lm_a, args)
-    report = compare(lm_a, b, ids, tol, points=points)
+    if args.chunk is not None and args.chunk < 1:
+        raise AprError("--chunk must be at least 1")
+    report = compare(lm_a, b, ids, tol, points=points, chunk=args.chunk)
     if args.json:
         print(json.dumps({**report.to_dict(), "text": source}))
     else:

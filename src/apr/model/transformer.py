@@ -16,6 +16,7 @@ from torch import nn
 from apr.model.cache import KVCache
 from apr.model.config import ModelConfig
 from apr.quant import QuantEmbedding, QuantLinear
+from apr.quant.linear import fused
 
 # A tap sees (layer index, point name, activation) at every traced point; None costs one branch.
 Tap = Callable[[int, str, torch.Tensor], None]
@@ -56,6 +57,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return out.to(x.dtype)
 
 
+def rope_halves(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """NEOX rope in 4 ops for the decode step: x (..., hd), cos2 = [cos, cos], sin2 = [-sin, sin] (T, hd).
+    x * cos2 + roll(x, hd/2) * sin2 is [x1 cos - x2 sin, x2 cos + x1 sin], the same products as apply_rope."""
+    return (x * cos2 + x.roll(x.shape[-1] // 2, -1) * sin2).to(x.dtype)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, w: dict):
         super().__init__()
@@ -76,15 +83,18 @@ class Block(nn.Module):
         cache is written by index and attention runs over the whole buffer, masked: fixed shapes for graphs."""
         cfg, t = self.cfg, x.shape[0]
         h = self.attn_norm(x)  # (T, dim)
-        q, k, v = self.attn_q(h), self.attn_k(h), self.attn_v(h)
+        q, k, v = fused([self.attn_q, self.attn_k, self.attn_v], h)  # 3 x (T, out)
         if tap:
             for name, val in (("attn_norm", h), ("q", q), ("k", k), ("v", v)):
                 tap(self.layer, name, val)
         q = q.view(t, cfg.n_heads, cfg.head_dim).transpose(0, 1).unsqueeze(0)  # (1, H, T, hd)
         k = k.view(t, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1).unsqueeze(0)  # (1, KV, T, hd)
         v = v.view(t, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1).unsqueeze(0)  # (1, KV, T, hd)
-        q = apply_rope(q, cos, sin, cfg.rope_interleaved)
-        k = apply_rope(k, cos, sin, cfg.rope_interleaved)
+        if cos.shape[-1] == cfg.head_dim:  # NEOX tables in halves form (see Transformer.rope)
+            q, k = rope_halves(q, cos, sin), rope_halves(k, cos, sin)
+        else:
+            q = apply_rope(q, cos, sin, cfg.rope_interleaved)
+            k = apply_rope(k, cos, sin, cfg.rope_interleaved)
         if mask is None:
             k, v = cache.update(self.layer, pos, k, v)  # (1, KV, pos+T, hd)
             a = attention(q, k, v, pos)  # (1, H, T, hd)
@@ -95,7 +105,7 @@ class Block(nn.Module):
         a = self.attn_output(a)
         x = x + a
         h = self.ffn_norm(x)
-        gate, up = self.ffn_gate(h), self.ffn_up(h)
+        gate, up = fused([self.ffn_gate, self.ffn_up], h)  # 2 x (T, ffn_dim)
         act = F.silu(gate) * up
         ffn = self.ffn_down(act)
         if tap:
@@ -156,9 +166,18 @@ class Transformer(nn.Module):
             cfg = self.cfg
             self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity, self.dtype, self.device)
             cos, sin = rope_tables(cfg, self.cache.size)
+            if not cfg.rope_interleaved:  # halves form for rope_halves: [cos, cos], [-sin, sin] (S, hd)
+                cos, sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
             self.cos, self.sin = cos.to(self.device), sin.to(self.device)
             self._graph = None  # captured over the old buffers
         self.cache.capacity = max(capacity, 1)
+
+    def rope(self, at: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows for positions `at` (a slice, or a (1,) tensor in the static step): (T, hd/2) pairs for
+        interleaved rope, (T, hd) halves form ([cos, cos], [-sin, sin]) for NEOX rope."""
+        if isinstance(at, slice):
+            return self.cos[at], self.sin[at]
+        return self.cos.index_select(0, at), self.sin.index_select(0, at)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, all_logits: bool = False) -> torch.Tensor:
@@ -173,7 +192,7 @@ class Transformer(nn.Module):
         x = self.token_embd(ids).float()  # (T, dim)
         if self.tap:
             self.tap(-1, "embedding", x)
-        cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]
+        cos, sin = self.rope(slice(pos, pos + t))
         for block in self.blk:
             x = block(x, pos, cos, sin, self.cache, self.tap)
         if not all_logits:
@@ -188,7 +207,7 @@ class Transformer(nn.Module):
 
     def static_step(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode step from the embedding x (1, dim) at tensor position pos (1,) -> logits (1, vocab)."""
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (1, hd/2)
+        cos, sin = self.rope(pos)  # (1, hd/2) or (1, hd)
         keys = torch.arange(self.cache.size, device=pos.device)
         mask = (keys <= pos).view(1, 1, 1, -1)  # (1, 1, 1, S): cached keys up to pos
         for block in self.blk:

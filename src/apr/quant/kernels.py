@@ -167,7 +167,8 @@ def int4_planes(raw2d: torch.Tensor, qtype: int, scale_dtype: torch.dtype) -> li
 
 @dataclass
 class Prepared:
-    """kind "dense": tensors {weight}; kind "int4": {packed, sz} (+ `parts` planes stacked along N, each padded to `packed rows / parts`; `rows` is the real N).
+    """kind "dense": tensors {weight}; kind "ggml": {raw} (the file's blocks, apr.quant.native);
+    kind "int4": {packed, sz} (+ `parts` planes stacked along N, each padded to `packed rows / parts`; `rows` is the real N).
 
     `layout` names the packed layout (device and packer block), so a stored state is only reused where
     it matches (see QuantLinear.load_prepared)."""
@@ -178,6 +179,7 @@ class Prepared:
     parts: int = 1
     rows: int = 0
     layout: str = "dense"
+    qtype: int = -1  # kind "ggml": the ggml type of tensors["raw"], read in place by apr.quant.native
 
 
 def supports_int4(qtype: int, device: torch.device) -> bool:
@@ -192,6 +194,8 @@ def prepare(raw2d: torch.Tensor, qtype: int, out_features: int, in_features: int
             device: torch.device | str = "cpu") -> Prepared:
     """Pack ggml rows for `dtype` compute on `device`: int4 where the type has an exact form, else dense."""
     device = torch.device(device)
+    if dtype != torch.float32 and uses_native(qtype, device):
+        return ggml_prepared(raw2d, qtype, out_features, dtype)
     if dtype == torch.float32 or not supports_int4(qtype, device) or in_features % GROUP:
         w = dequantize(raw2d, qtype, (out_features, in_features))
         return Prepared("dense", dtype, {"weight": w.to(device=device, dtype=dtype)})
@@ -201,13 +205,39 @@ def prepare(raw2d: torch.Tensor, qtype: int, out_features: int, in_features: int
     return packer(raw2d, qtype, out_features, dtype, device)
 
 
+def ggml_prepared(raw2d: torch.Tensor, qtype: int, out_features: int, dtype: torch.dtype) -> Prepared:
+    """The native kernel's state: the ggml rows themselves (nothing is packed or copied)."""
+    return Prepared("ggml", dtype, {"raw": raw2d}, 1, out_features, "ggml", int(qtype))
+
+
+def uses_native(qtype: int, device: torch.device | str) -> bool:
+    """Whether non-float32 compute of this type on `device` reads the ggml blocks in place (AVX2 kernel)."""
+    from apr.quant import native
+
+    return torch.device(device).type == "cpu" and native.supports(qtype)
+
+
 def linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W.T + b for x (..., K) in the compute dtype."""
+    if p.kind == "ggml":
+        return _ggml_linear(x, p, bias)
     if p.kind == "dense":
         return _dense_linear(x, p.tensors["weight"], bias)
     from apr.quant import kernels_int4 as k4
 
     return k4.int4_linear(x, p, bias)
+
+
+def _ggml_linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
+    """Few rows (decode): the native kernel on the blocks. Many rows (prefill): dequantized tiles and a
+    GEMM, whose arithmetic intensity the per-row kernel cannot match."""
+    from apr.quant import native
+
+    raw, k = p.tensors["raw"], x.shape[-1]
+    if x.numel() // k <= native.MAX_ROWS:
+        return native.matmul(x, raw, p.qtype, p.rows, bias)
+    tile_dtype = torch.bfloat16 if native_bf16_gemm() else torch.float32
+    return chunked_gemm(x, lambda r0, r1: dequantize(raw[r0:r1], p.qtype, (r1 - r0, k)).to(tile_dtype), p.rows, bias)
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

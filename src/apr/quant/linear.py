@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apr.errors import BadModelFile
-from apr.quant import kernels
+from apr.quant import kernels, native
 from apr.quant.pages import release_file_pages, trim_heap
 from apr.quant.table import dequantize_rows, row_bytes, type_name
 
@@ -48,6 +48,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self._bias32 = self.bias  # the exact bias: every dtype's copy is made from it, never from another copy
         self.prepared: kernels.Prepared | None = None
+        self._groups: dict = {}  # fused native calls led by this module (see `fused`)
 
     @property
     def kind(self) -> str:
@@ -66,12 +67,13 @@ class QuantLinear(nn.Module):
             # from raw, not from an existing weight: a bf16 -> f32 round trip would lose bits
             p = kernels.prepare(self.raw, self.qtype, self.out_features, self.in_features, dtype, device)
             self._set(p, device)
-            release_file_pages(self.raw)
-            trim_heap()
+            if p.kind != "ggml":  # the kernel reads the blocks in place: their pages stay
+                release_file_pages(self.raw)
+                trim_heap()
         return self.weight
 
     def _set(self, p: kernels.Prepared, device: torch.device) -> None:
-        self.prepared = p
+        self.prepared, self._groups = p, {}
         self.weight = p.tensors.get("weight")
         if self._bias32 is not None:
             self.bias = self._bias32.to(device=device, dtype=p.dtype)
@@ -87,13 +89,15 @@ class QuantLinear(nn.Module):
             p = self.prepared
         if p.dtype == torch.float32:
             return F.linear(x, self.weight, self.bias)  # the reference path, exactly as it always was
+        if p.kind == "ggml":
+            return fused([self], x)[0] if _few_rows(x) else kernels.linear(x, p, self._bias32)
         return kernels.linear(x, p, self.bias)
 
     def prepared_state(self) -> dict[str, torch.Tensor]:
         """The buffers forward needs after `materialize`, for storing in a .apr file.
 
         Keys: "kind" is a uint8 tensor of ASCII text "<kind>;<layout>;parts=<P>;rows=<N>;dtype=<dtype>"
-        (kind "dense" or "int4"; layout e.g. "int4-cpu-bn32", which depends on the CPU packer's build);
+        (kind "ggml", "dense" or "int4"; "ggml" stores nothing else: its kernel reads `raw`; layout e.g. "int4-cpu-bn32", which depends on the CPU packer's build);
         "weight" (dense: (N, K) in dtype) or "packed" + "sz" (int4: the tinygemm buffers, see
         apr.quant.kernels_int4). The bias is not included: it is a GGUF tensor of its own.
         """
@@ -101,7 +105,7 @@ class QuantLinear(nn.Module):
             self.materialize(torch.float32)
         p = self.prepared
         text = f"{p.kind};{p.layout};parts={p.parts};rows={p.rows};dtype={str(p.dtype).removeprefix('torch.')}"
-        return {"kind": _tag(text), **p.tensors}
+        return {"kind": _tag(text), **({} if p.kind == "ggml" else p.tensors)}
 
     def load_prepared(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
         """Use a stored `prepared_state()` for `dtype` without repacking; True if it was used.
@@ -109,6 +113,10 @@ class QuantLinear(nn.Module):
         A state made for another dtype, shape or packed layout (another CPU build or device) is not
         usable here: then this packs from `raw` as `materialize(dtype)` does and returns False.
         """
+        if dtype != torch.float32 and kernels.uses_native(self.qtype, self.raw.device):
+            # the blocks are the native kernel's layout: nothing to pack or load
+            self._set(kernels.ggml_prepared(self.raw, self.qtype, self.out_features, dtype), self.raw.device)
+            return True
         p = self._parse(state, dtype)
         if p is None:
             self.materialize(dtype)
@@ -136,6 +144,25 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"qtype={type_name(self.qtype)}, bias={self.bias is not None}, kind={self.kind}")
+
+
+def _few_rows(x: torch.Tensor) -> bool:
+    return x.numel() // x.shape[-1] <= native.MAX_ROWS
+
+
+def fused(mods: list[QuantLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    """[m(x) for m in mods]; in one native call when all read ggml blocks in place and x has few rows
+    (decode): x is quantized once and one parallel region covers every row (q, k, v; gate, up).
+    The results are then column slices of one (..., N_0 + N_1 + ...) tensor."""
+    first = mods[0]
+    if not _few_rows(x) or not all(m.kind == "ggml" and m.prepared.dtype == x.dtype for m in mods):
+        return [m(x) for m in mods]
+    key = tuple(id(m.prepared) for m in mods)
+    group = first._groups.get(key)
+    if group is None:  # built once per prepared state (materialize makes a new one)
+        group = native.Group([(m.raw, m.qtype, m.out_features, m._bias32) for m in mods])
+        first._groups[key] = group
+    return list(group(x).split(group.sizes, dim=-1))
 
 
 class QuantEmbedding(nn.Module):

@@ -1,0 +1,303 @@
+/* y = x @ W.T straight from ggml blocks, for the few rows of a decode step (AVX2 + FMA + F16C).
+ *
+ * Why: torch has no kernel that reads ggml blocks, and its int4 kernel runs at ~5 G weights/s per core
+ * on AVX2, so a decode step was compute-bound far below the memory roofline. Here each row of x is
+ * quantized to int8 blocks of 32 (one float scale and the int sum per block), and every weight block is
+ * dotted with integer multiply-adds (maddubs: u8 x s8 -> s16 pairs, madd -> s32), then scaled in float.
+ * The weights are read in place: no repacking, no second copy in memory.
+ *
+ * Exactness: the weights are the exact ggml values; the only rounding besides float accumulation is
+ * the int8 rounding of x (relative error <= 1/254 of its block's max), tested against the float32
+ * dequantization in tests/test_native.py.
+ *
+ * Layouts (ggml, little-endian, f16 scales): see apr/quant/dequant.py for the reference decoders.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ggml type ids */
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+typedef struct {
+    const int8_t *q;  /* K int8 values */
+    const float *d;   /* K/32 block scales: x ~= d * q */
+    const float *s;   /* K/32 block sums of x as rounded: d * sum(q) (for the weights' offsets) */
+} xrow;
+
+typedef float (*dot_fn)(const uint8_t *w, xrow x, int64_t K);
+
+static inline float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* unsigned weights (0..127) x signed int8 -> 8 int32 partial sums */
+static inline __m256i dot_us(__m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+
+/* signed x signed: move w's sign onto x so maddubs sees |w| */
+static inline __m256i dot_ss(__m256i w, __m256i x) {
+    return dot_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+static inline __m256i load32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* 16 bytes of nibbles -> 32 values: low nibbles are elements 0..15, high nibbles 16..31 (the bytes in
+ * both lanes, the upper lane shifted right by 4, then masked) */
+static inline __m256i nibbles(const uint8_t *p) {
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(15));
+}
+
+/* 32 bits -> 32 bytes: byte i = 0 where bit i is set, else 0xF0 (-16). OR-ed onto a nibble it gives the
+ * signed Q5 value q - 16 = nibble + 16 bit - 16 as int8. */
+static inline __m256i fifth_bits_minus16(const uint8_t *p) {
+    uint32_t b;
+    memcpy(&b, p, 4);
+    __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)b),
+        _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
+    __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return _mm256_andnot_si256(set, _mm256_set1_epi8((char)0xF0));
+}
+
+#define ACC(p, scale, acc) _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc)
+
+static float dot_q8_0(const uint8_t *w, xrow x, int64_t K) { /* d f16, q int8[32]: d q */
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++, w += 34)
+        acc = ACC(dot_ss(load32(w + 2), load32(x.q + 32 * b)), f16(w) * x.d[b], acc);
+    return hsum(acc);
+}
+
+static float dot_q4_0(const uint8_t *w, xrow x, int64_t K) { /* d, qs[16]: d (q - 8) */
+    __m256 acc = _mm256_setzero_ps();
+    float off = 0;
+    for (int64_t b = 0; b < K / 32; b++, w += 18) {
+        float dd = f16(w) * x.d[b];
+        acc = ACC(dot_us(nibbles(w + 2), load32(x.q + 32 * b)), dd, acc);
+        off += f16(w) * 8 * x.s[b];
+    }
+    return hsum(acc) - off;
+}
+
+static float dot_q4_1(const uint8_t *w, xrow x, int64_t K) { /* d, m, qs[16]: d q + m */
+    __m256 acc = _mm256_setzero_ps();
+    float off = 0;
+    for (int64_t b = 0; b < K / 32; b++, w += 20) {
+        acc = ACC(dot_us(nibbles(w + 4), load32(x.q + 32 * b)), f16(w) * x.d[b], acc);
+        off += f16(w + 2) * x.s[b];
+    }
+    return hsum(acc) + off;
+}
+
+static float dot_q5_0(const uint8_t *w, xrow x, int64_t K) { /* d, qh[4], qs[16]: d (q - 16) */
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++, w += 22) {
+        __m256i q = _mm256_or_si256(nibbles(w + 6), fifth_bits_minus16(w + 2));
+        acc = ACC(dot_ss(q, load32(x.q + 32 * b)), f16(w) * x.d[b], acc);
+    }
+    return hsum(acc);
+}
+
+static float dot_q5_1(const uint8_t *w, xrow x, int64_t K) { /* d, m, qh[4], qs[16]: d q + m */
+    const __m256i sixteen = _mm256_set1_epi8(16);
+    __m256 acc = _mm256_setzero_ps();
+    float off = 0;
+    for (int64_t b = 0; b < K / 32; b++, w += 24) { /* (q - 16) + 16: back to the unsigned 5-bit q */
+        __m256i q = _mm256_add_epi8(_mm256_or_si256(nibbles(w + 8), fifth_bits_minus16(w + 4)), sixteen);
+        acc = ACC(dot_us(q, load32(x.q + 32 * b)), f16(w) * x.d[b], acc);
+        off += f16(w + 2) * x.s[b];
+    }
+    return hsum(acc) + off;
+}
+
+/* Q4_K/Q5_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes */
+static inline void k_scale_min(const uint8_t *q, int j, float *sc, float *mn) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* Q4_K (144 B / 256) and Q5_K (176 B / 256): d, dmin, scales[12], [qh[32]], qs[128]; w = d sc q - dmin m.
+ * Chunk j (64 values) takes qs[32j..32j+31]: low nibbles are sub-block 2j, high nibbles 2j+1; Q5_K adds
+ * bit 2j / 2j+1 of qh[l] as the fifth bit. */
+static inline float dot_k(const uint8_t *w, xrow x, int64_t K, int five) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256 acc = _mm256_setzero_ps();
+    float off = 0;
+    const int64_t size = five ? 176 : 144;
+    for (int64_t sb = 0; sb < K / 256; sb++, w += size) {
+        const float d = f16(w), dmin = f16(w + 2);
+        const uint8_t *qs = w + (five ? 48 : 16);
+        __m256i qh = five ? load32(w + 16) : _mm256_setzero_si256();
+        float sub_off = 0;
+        for (int j = 0; j < 4; j++) {
+            __m256i v = load32(qs + 32 * j);
+            __m256i q[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
+            for (int h = 0; h < 2; h++) {
+                const int sub = 2 * j + h;
+                const int64_t b = sb * 8 + sub;
+                float sc, mn;
+                k_scale_min(w + 4, sub, &sc, &mn);
+                if (five) /* bit `sub` of each qh byte -> 16 */
+                    q[h] = _mm256_or_si256(q[h], _mm256_and_si256(
+                        _mm256_slli_epi16(_mm256_srli_epi16(qh, sub), 4), _mm256_set1_epi8(16)));
+                acc = ACC(dot_us(q[h], load32(x.q + 32 * b)), d * sc * x.d[b], acc);
+                sub_off += mn * x.s[b];
+            }
+        }
+        off += dmin * sub_off;
+    }
+    return hsum(acc) - off;
+}
+
+static float dot_q4_k(const uint8_t *w, xrow x, int64_t K) { return dot_k(w, x, K, 0); }
+static float dot_q5_k(const uint8_t *w, xrow x, int64_t K) { return dot_k(w, x, K, 1); }
+
+/* Q6_K (210 B / 256): ql[128], qh[64], scales int8[16], d; w = d sc (q - 32) with 16-value sub-blocks.
+ * Half h (128 values) takes ql[64h..], qh[32h..]: value 32c + l (c = 0..3, l = 0..31) is
+ * (ql[l + 32 (c & 1)] >> 4 (c >> 1)) & 15 | ((qh[l] >> 2c) & 3) << 4, scale sc[8h + 2c + l / 16]. */
+static float dot_q6_k(const uint8_t *w, xrow x, int64_t K) {
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), b32 = _mm256_set1_epi8(32);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 210) {
+        const float d = f16(w + 208);
+        const int8_t *sc = (const int8_t *)(w + 192);
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = load32(w + 64 * h), l1 = load32(w + 64 * h + 32), qh = load32(w + 128 + 32 * h);
+            __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
+            };
+            for (int c = 0; c < 4; c++) {
+                const int64_t b = sb * 8 + 4 * h + c;
+                __m256i wq = _mm256_sub_epi8(q[c], b32), xq = load32(x.q + 32 * b);
+                __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+                __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[8 * h + 2 * c + 1]), _mm_set1_epi16(sc[8 * h + 2 * c]));
+                acc = ACC(_mm256_madd_epi16(pairs, scales), d * x.d[b], acc);
+            }
+        }
+    }
+    return hsum(acc);
+}
+
+static dot_fn pick(int qtype) {
+    switch (qtype) {
+    case Q4_0: return dot_q4_0;
+    case Q4_1: return dot_q4_1;
+    case Q5_0: return dot_q5_0;
+    case Q5_1: return dot_q5_1;
+    case Q8_0: return dot_q8_0;
+    case Q4_K: return dot_q4_k;
+    case Q5_K: return dot_q5_k;
+    case Q6_K: return dot_q6_k;
+    default: return 0;
+    }
+}
+
+int apr_supports(int qtype) { return pick(qtype) != 0; }
+
+/* x (K floats) -> int8 blocks of 32 with scale amax/127 and the sum of each block's ints */
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) {
+            int v = (int)nearbyintf(xb[i] * inv);
+            q[32 * b + i] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = amax / 127.0f;
+        s[b] = d[b] * (float)sum;
+    }
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* y (M, N_0 + ... + N_{n-1}) = x (M, K) @ [W_0; ...; W_{n-1}].T (+ [bias_0, ...]), W_j being N_j rows of
+ * row_bytes_j ggml bytes of type qtypes[j]: the outputs of the n weights side by side in each row of y.
+ * x and y are float32, or bfloat16 where x_bf16 / y_bf16 say so. One call for several weights that read
+ * the same x (q, k, v; gate, up) quantizes x once and runs one parallel region over all their rows. Returns 0; -1 for an unsupported type or a K that is not a multiple of
+ * the type's block; -2 when out of memory. */
+int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const int64_t *row_bytes,
+                     const int64_t *Ns, const float *const *biases, int64_t K, const void *x, int x_bf16,
+                     int64_t M, void *y, int y_bf16, int threads) {
+    dot_fn dots[8];
+    int64_t first[9] = {0};
+    if (n < 1 || n > 8) return -1;
+    for (int j = 0; j < n; j++) {
+        const int t = qtypes[j];
+        const int64_t block = (t == Q4_K || t == Q5_K || t == Q6_K) ? 256 : 32;
+        dots[j] = pick(t);
+        if (!dots[j] || K % block) return -1;
+        first[j + 1] = first[j] + Ns[j];
+    }
+    const int64_t nb = K / 32;
+    int8_t *q = malloc((size_t)(M * K));
+    float *d = malloc(sizeof(float) * (size_t)(M * nb)), *s = malloc(sizeof(float) * (size_t)(M * nb));
+    float *xf = malloc(sizeof(float) * (size_t)K);
+    if (!q || !d || !s || !xf) {
+        free(q), free(d), free(s), free(xf);
+        return -2;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = (const float *)x + m * K;
+        if (x_bf16) {
+            for (int64_t i = 0; i < K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[m * K + i]);
+            row = xf;
+        }
+        quantize_row(row, K, q + m * K, d + m * nb, s + m * nb);
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < first[n]; r++) {
+        int j = 0;
+        while (r >= first[j + 1]) j++;
+        const int64_t row = r - first[j], N = first[n];
+        const uint8_t *w = ws[j] + row * row_bytes[j];
+        for (int64_t m = 0; m < M; m++) {
+            xrow xr = {q + m * K, d + m * nb, s + m * nb};
+            float v = dots[j](w, xr, K) + (biases[j] ? biases[j][row] : 0.0f);
+            if (y_bf16)
+                ((uint16_t *)y)[m * N + r] = f32_to_bf16(v);
+            else
+                ((float *)y)[m * N + r] = v;
+        }
+    }
+    free(q), free(d), free(s), free(xf);
+    return 0;
+}

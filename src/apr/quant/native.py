@@ -1,0 +1,141 @@
+"""The AVX2 matvec that reads ggml blocks in place (csrc/ggml_matvec.c), built on first use.
+
+Decode steps multiply one row of activations by every weight: memory-bound work where torch's int4
+kernel is compute-bound on AVX2 CPUs. The C kernel dots int8-quantized activations with the raw
+blocks (see the file's header for the arithmetic), so a weight is read once, in the file's own bytes.
+
+It is compiled with the system C compiler into `$APR_HOME/kernels/` (one plain C file, about a second)
+and loaded with ctypes. Where there is no compiler, no AVX2/FMA/F16C, or `APR_NATIVE=0`, `available()`
+is False with a reason and apr runs its torch kernels instead: slower, same results within rounding.
+OpenMP comes from torch's own libgomp (same soname, already loaded), so both share one thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from apr import hub
+
+SOURCE = Path(__file__).with_name("csrc") / "ggml_matvec.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# rows of activations up to which the kernel beats dequantize + GEMM (prefill goes to the GEMM)
+MAX_ROWS = 8
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str) -> Path:
+    """Compile once per (source, flags, compiler); the file appears atomically, so racing builds are safe."""
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    out = hub.apr_home() / "kernels" / f"ggml_matvec-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(so), "-lm"], capture_output=True, text=True)
+        if r.returncode:
+            raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        os.replace(so, out)
+    return out
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("APR_NATIVE", "1") == "0":  # read at every call: tests and users switch it per run
+        return None, "disabled by APR_NATIVE=0"
+    return _build_and_load()
+
+
+@functools.lru_cache(maxsize=None)
+def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+    if missing:
+        return None, f"CPU lacks {', '.join(sorted(missing))}"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (cc/gcc) found"
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"native kernel build failed: {e}"
+    lib.apr_supports.argtypes = [ctypes.c_int]
+    p = ctypes.c_void_p
+    lib.apr_matmul_multi.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int64, p, ctypes.c_int, ctypes.c_int64,
+                                     p, ctypes.c_int, ctypes.c_int]
+    return lib, "ok"
+
+
+def available() -> bool:
+    return _load()[0] is not None
+
+
+def status() -> str:
+    """'ok', or why the native kernel is not used."""
+    return _load()[1]
+
+
+def supports(qtype: int) -> bool:
+    lib = _load()[0]
+    return lib is not None and bool(lib.apr_supports(int(qtype)))
+
+
+def _ptrs(ctype, values) -> ctypes.Array:
+    return (ctype * len(values))(*values)
+
+
+class Group:
+    """Weights that read the same x, as ctypes arrays built once: (raw2d (N, row_bytes) uint8 ggml rows on
+    the CPU, ggml type, N, float32 bias (N,) or None) each. `__call__` is one native call."""
+
+    def __init__(self, weights: list[tuple[torch.Tensor, int, int, torch.Tensor | None]]):
+        self.biases = [None if b is None else b.float().contiguous() for *_, b in weights]  # kept alive
+        self.sizes = [n for _, _, n, _ in weights]
+        self.n_out = sum(self.sizes)
+        self.args = (len(weights), _ptrs(ctypes.c_int, [int(t) for _, t, _, _ in weights]),
+                     _ptrs(ctypes.c_void_p, [r.data_ptr() for r, _, _, _ in weights]),
+                     _ptrs(ctypes.c_int64, [r.stride(0) for r, _, _, _ in weights]),
+                     _ptrs(ctypes.c_int64, self.sizes),
+                     _ptrs(ctypes.c_void_p, [None if b is None else b.data_ptr() for b in self.biases]))
+        self.raws = [r for r, *_ in weights]  # the pointers above stay valid while these live
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) float32 or bfloat16 -> (..., N_0 + N_1 + ...) in x's dtype: each weight's outputs side by side."""
+        k = x.shape[-1]
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        x2 = x.reshape(-1, k).contiguous()  # (..., K) -> (M, K)
+        y = torch.empty(x2.shape[0], self.n_out, dtype=x.dtype)
+        bf16 = int(x.dtype == torch.bfloat16)
+        rc = _load()[0].apr_matmul_multi(*self.args, k, x2.data_ptr(), bf16, x2.shape[0], y.data_ptr(), bf16,
+                                        torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"native matmul failed ({rc}) for types {list(self.args[1])}, K={k}")
+        return y.reshape(*x.shape[:-1], self.n_out)  # (M, N) -> (..., N)
+
+
+def matmul(x: torch.Tensor, raw2d: torch.Tensor, qtype: int, n_out: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ W.T (+ bias) for one weight given as ggml rows (see Group)."""
+    return Group([(raw2d, qtype, n_out, bias)])(x)

@@ -1,0 +1,107 @@
+"""The native ggml matvec (apr/quant/csrc/ggml_matvec.c) against an exact model of its arithmetic.
+
+The kernel rounds each 32-value block of x to int8 (scale = block max / 127, round half to even) and
+otherwise computes exactly: so against x rounded the same way and the float32 dequantization of the
+weights, in float64, only float32 accumulation error remains (~1e-6 relative). The second check, against
+unrounded x, bounds what the rounding costs. Speed lives in benchmarks/, never here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from apr.quant import dequantize, native, row_bytes
+from apr.quant.table import _lookup
+from apr.quant.testing import random_blocks
+
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.status()}")
+
+
+def raw_matrix(qtype: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    blocks = random_blocks(qtype, rows * cols // _lookup(qtype).block_size, gen)
+    return blocks.reshape(rows, row_bytes(qtype, cols))  # (blocks, size) -> (rows, row_bytes)
+
+
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) as the kernel sees it: each 32-block rounded to int8 steps of max|block| / 127."""
+    xb = x.double().reshape(x.shape[0], -1, 32)  # (M, K) -> (M, K/32, 32)
+    amax = xb.abs().amax(-1, keepdim=True).float().double()
+    step = (amax.float() / 127).double()
+    q = torch.round(xb * torch.where(amax > 0, (127.0 / amax.float()).double(), torch.zeros_like(amax)))
+    return (q * step).reshape(x.shape)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: Q(q).name)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_matches_exact_arithmetic(qtype, rows):
+    n, k = 37, 512  # an odd row count: the threads' split has a remainder
+    raw = raw_matrix(qtype, n, k, seed=int(qtype))
+    w = dequantize(raw, qtype, (n, k)).double()
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(n)
+    y = native.matmul(x, raw, qtype, n, bias)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    assert rel(y, int8_blocks(x) @ w.T + bias.double()) < 2e-6
+    assert rel(y, x.double() @ w.T + bias.double()) < 1.5e-2  # what rounding x to int8 costs
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q6_K])
+def test_bfloat16_in_and_out(qtype):
+    n, k = 40, 256
+    raw = raw_matrix(qtype, n, k)
+    x = torch.randn(2, k).bfloat16()
+    y = native.matmul(x, raw, qtype, n)
+    assert y.dtype == torch.bfloat16
+    exact = native.matmul(x.float(), raw, qtype, n)  # same rounded x: bf16 output is the only difference
+    assert torch.equal(y, exact.bfloat16())  # round to nearest even, as torch rounds
+
+
+def test_group_outputs_side_by_side_equal_separate_calls():
+    k = 256
+    parts = [(raw_matrix(Q.Q5_0, 24, k, 1), Q.Q5_0, 24, torch.randn(24)),
+             (raw_matrix(Q.Q4_K, 8, k, 2), Q.Q4_K, 8, None),
+             (raw_matrix(Q.Q8_0, 8, k, 3), Q.Q8_0, 8, torch.randn(8))]
+    x = torch.randn(3, k)
+    y = native.Group(parts)(x)
+    assert y.shape == (3, 40)
+    assert torch.equal(y, torch.cat([native.matmul(x, *p) for p in parts], dim=-1))
+
+
+def test_weights_are_read_in_place_from_a_row_stride():
+    """raw may be a row slice of a bigger mapped tensor (no copy): stride(0) is the row length in bytes."""
+    raw = raw_matrix(Q.Q8_0, 64, 256)
+    x = torch.randn(1, 256)
+    torch.testing.assert_close(native.matmul(x, raw[16:32], Q.Q8_0, 16), native.matmul(x, raw, Q.Q8_0, 64)[:, 16:32],
+                               rtol=0, atol=0)
+
+
+def test_unsupported_inputs_are_refused():
+    assert not native.supports(Q.Q2_K) and not native.supports(Q.F16)
+    with pytest.raises(RuntimeError, match="native matmul failed"):  # K not a multiple of the 256-block
+        native.matmul(torch.randn(1, 288), torch.zeros(4, row_bytes(Q.Q8_0, 288), dtype=torch.uint8), Q.Q4_K, 4)
+
+
+def test_switch_and_failed_build_fall_back_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("APR_NATIVE", "0")
+    assert not native.available() and "APR_NATIVE=0" in native.status()
+    monkeypatch.setenv("APR_NATIVE", "1")
+    monkeypatch.setenv("APR_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    native._build_and_load.cache_clear()
+    try:
+        assert not native.available()
+        assert "build failed" in native.status()
+        assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written is left to load later
+    finally:
+        monkeypatch.undo()
+        native._build_and_load.cache_clear()
+    assert native.available()
