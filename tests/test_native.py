@@ -105,3 +105,16 @@ def test_switch_and_failed_build_fall_back_with_a_reason(monkeypatch, tmp_path):
         monkeypatch.undo()
         native._build_and_load.cache_clear()
     assert native.available()
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: Q(q).name)
+def test_dequantize_is_bit_identical_to_the_torch_reference(qtype):
+    from apr.quant.table import QUANT_TYPES
+
+    n, k = 9, 512
+    raw = raw_matrix(qtype, n, k, seed=5)
+    ours = native.dequantize(raw, qtype, k)
+    blocks = raw.reshape(-1, _lookup(qtype).type_size)  # (n, row_bytes) -> (blocks, type_size)
+    torch_ref = QUANT_TYPES[qtype].dequant(blocks).reshape(n, k)  # itself bit-identical to gguf-py
+    assert ours.unique().numel() > 8 and torch.equal(ours, torch_ref)
+    assert torch.equal(dequantize(raw, qtype, (n, k)), ours)  # the table dispatches here on the CPU

@@ -3,6 +3,13 @@
 `QuantLinear.materialize(dtype, device)` asks `prepare()` for a `Prepared` state and `linear()` runs it.
 float32 is the exact reference path: prepare() gives it the dense dequantized weight, as always.
 
+On x86 CPUs with AVX2 (FMA, F16C) and a C compiler, the other dtypes use kind "ggml": the file's own
+blocks, read in place by apr.quant.native (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). Decode steps
+(few rows) run its int8-activation matvec; prefill (many rows) dequantizes row tiles for a float32
+GEMM (bf16 where the CPU has bf16 GEMM hardware). Nothing is packed, so a load maps the file and is done.
+Everything below is the torch-only path, used where the native kernel is not (no compiler, another
+CPU, CUDA, APR_NATIVE=0, or a type it lacks).
+
 Representations for bf16 compute. err: relative Frobenius error of the weight each representation
 computes with, against the exact float32 dequantization (random ggml blocks); us: median of one matvec
 (T=1, bf16 activations, 1 thread, interleaved rounds) on the 2-core AMD EPYC dev box (AVX2, no AVX-512,

@@ -83,6 +83,7 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"native kernel build failed: {e}"
     lib.apr_supports.argtypes = [ctypes.c_int]
     p = ctypes.c_void_p
+    lib.apr_dequant.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int]
     lib.apr_matmul_multi.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int64, p, ctypes.c_int, ctypes.c_int64,
                                      p, ctypes.c_int, ctypes.c_int]
     return lib, "ok"
@@ -139,3 +140,14 @@ class Group:
 def matmul(x: torch.Tensor, raw2d: torch.Tensor, qtype: int, n_out: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ W.T (+ bias) for one weight given as ggml rows (see Group)."""
     return Group([(raw2d, qtype, n_out, bias)])(x)
+
+
+def dequantize(raw2d: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
+    """ggml rows raw2d (N, row_bytes) uint8 on the CPU -> float32 (N, cols), bit-identical to
+    apr.quant.table.dequantize (same operations in the same order), several times faster (prefill tiles)."""
+    out = torch.empty(raw2d.shape[0], cols, dtype=torch.float32)
+    rc = _load()[0].apr_dequant(int(qtype), raw2d.data_ptr(), raw2d.stride(0), raw2d.shape[0], cols, out.data_ptr(),
+                                torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"native dequantize failed ({rc}) for type {qtype}, K={cols}")
+    return out

@@ -107,8 +107,19 @@ def dequantize(raw: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, ...
     want = math.prod(shape[:-1]) * row_bytes(qtype, shape[-1])
     if data.numel() != want:
         raise BadModelFile(f"a {qt.name} tensor of shape {list(shape)} needs {want} bytes, got {data.numel()}")
+    if data.device.type == "cpu" and _native_supports(qt.type_id):  # same values, bit for bit, faster
+        from apr.quant import native
+
+        rows = math.prod(shape[:-1])
+        return native.dequantize(data.view(rows, -1), qt.type_id, shape[-1]).reshape(shape)  # (rows, K) -> shape
     blocks = data.reshape(-1, qt.type_size)  # (n_bytes,) -> (n_blocks, type_size)
     return _run(qt, blocks).reshape(shape)  # (n_blocks, block_size) -> shape
+
+
+def _native_supports(qtype: int) -> bool:
+    from apr.quant import native
+
+    return native.supports(qtype)
 
 
 def dequantize_rows(raw2d: torch.Tensor | np.ndarray, qtype: int, ids: torch.Tensor) -> torch.Tensor:

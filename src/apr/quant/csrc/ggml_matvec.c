@@ -301,3 +301,102 @@ int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const i
     free(q), free(d), free(s), free(xf);
     return 0;
 }
+
+/* ---- dequantization to float32, for prefill tiles (a GEMM then does the work) ----
+ * Same arithmetic, in the same order, as apr/quant/dequant.py (separate multiply and add: -std=c11 keeps
+ * GCC from fusing them), so the values are bit-identical to the reference dequantization. */
+
+/* out[0..31] = q * scale (+ offset): q 32 int8 values, scale/offset per 8-value group g */
+static inline void store32(float *out, __m256i q, const float *scale, const float *offset) {
+    __m128i half[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+    for (int g = 0; g < 4; g++) {
+        __m128i eight = g & 1 ? _mm_srli_si128(half[g >> 1], 8) : half[g >> 1];
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), _mm256_set1_ps(scale[g]));
+        if (offset) v = _mm256_add_ps(v, _mm256_set1_ps(offset[g]));
+        _mm256_storeu_ps(out + 8 * g, v);
+    }
+}
+
+static void dequant_row(int qtype, const uint8_t *w, int64_t K, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int64_t i = 0; i < K; i += (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) ? 256 : 32) {
+        float s[4], o[4];
+        switch (qtype) {
+        case Q8_0: /* q * d */
+            s[0] = s[1] = s[2] = s[3] = f16(w);
+            store32(out + i, load32(w + 2), s, 0), w += 34;
+            break;
+        case Q4_0: /* (q - 8) * d */
+            s[0] = s[1] = s[2] = s[3] = f16(w);
+            store32(out + i, _mm256_sub_epi8(nibbles(w + 2), _mm256_set1_epi8(8)), s, 0), w += 18;
+            break;
+        case Q4_1: /* q * d + m */
+            s[0] = s[1] = s[2] = s[3] = f16(w), o[0] = o[1] = o[2] = o[3] = f16(w + 2);
+            store32(out + i, nibbles(w + 4), s, o), w += 20;
+            break;
+        case Q5_0: /* (q - 16) * d */
+            s[0] = s[1] = s[2] = s[3] = f16(w);
+            store32(out + i, _mm256_or_si256(nibbles(w + 6), fifth_bits_minus16(w + 2)), s, 0), w += 22;
+            break;
+        case Q5_1: /* q * d + m */
+            s[0] = s[1] = s[2] = s[3] = f16(w), o[0] = o[1] = o[2] = o[3] = f16(w + 2);
+            store32(out + i, _mm256_add_epi8(_mm256_or_si256(nibbles(w + 8), fifth_bits_minus16(w + 4)),
+                                             _mm256_set1_epi8(16)), s, o), w += 24;
+            break;
+        case Q4_K:
+        case Q5_K: { /* q * (d sc) - dmin m, per 32-value sub-block */
+            const int five = qtype == Q5_K;
+            const float d = f16(w), dmin = f16(w + 2);
+            const uint8_t *qs = w + (five ? 48 : 16);
+            __m256i qh = five ? load32(w + 16) : _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {
+                __m256i v = load32(qs + 32 * j);
+                __m256i q[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
+                for (int h = 0; h < 2; h++) {
+                    const int sub = 2 * j + h;
+                    float sc, mn;
+                    k_scale_min(w + 4, sub, &sc, &mn);
+                    if (five)
+                        q[h] = _mm256_or_si256(q[h], _mm256_and_si256(
+                            _mm256_slli_epi16(_mm256_srli_epi16(qh, sub), 4), _mm256_set1_epi8(16)));
+                    s[0] = s[1] = s[2] = s[3] = d * sc, o[0] = o[1] = o[2] = o[3] = -(dmin * mn);
+                    store32(out + i + 32 * sub, q[h], s, o);
+                }
+            }
+            w += five ? 176 : 144;
+            break;
+        }
+        case Q6_K: { /* (d sc) * (q - 32), per 16-value sub-block */
+            const float d = f16(w + 208);
+            const int8_t *sc = (const int8_t *)(w + 192);
+            const __m256i m30 = _mm256_set1_epi8(0x30), b32 = _mm256_set1_epi8(32);
+            for (int h = 0; h < 2; h++) {
+                __m256i l0 = load32(w + 64 * h), l1 = load32(w + 64 * h + 32), qh = load32(w + 128 + 32 * h);
+                __m256i q[4] = {
+                    _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                    _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
+                };
+                for (int c = 0; c < 4; c++) {
+                    s[0] = s[1] = d * sc[8 * h + 2 * c], s[2] = s[3] = d * sc[8 * h + 2 * c + 1];
+                    store32(out + i + 128 * h + 32 * c, _mm256_sub_epi8(q[c], b32), s, 0);
+                }
+            }
+            w += 210;
+            break;
+        }
+        }
+    }
+}
+
+/* out (rows, K) float32 = the dequantized ggml rows w (rows of row_bytes bytes). Returns 0, or -1 for an
+ * unsupported type or a K that is not a multiple of its block. */
+int apr_dequant(int qtype, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t K, float *out, int threads) {
+    const int64_t block = (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) ? 256 : 32;
+    if (!pick(qtype) || K % block) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) dequant_row(qtype, w + r * row_bytes, K, out + r * K);
+    return 0;
+}
