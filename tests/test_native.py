@@ -118,3 +118,37 @@ def test_dequantize_is_bit_identical_to_the_torch_reference(qtype):
     torch_ref = QUANT_TYPES[qtype].dequant(blocks).reshape(n, k)  # itself bit-identical to gguf-py
     assert ours.unique().numel() > 8 and torch.equal(ours, torch_ref)
     assert torch.equal(dequantize(raw, qtype, (n, k)), ours)  # the table dispatches here on the CPU
+
+
+@pytest.mark.parametrize("arch,qtype", [("qwen2", Q.Q5_0), ("llama", Q.Q4_K), ("qwen2", Q.Q6_K)])
+def test_c_decode_block_matches_the_torch_block(tmp_path, monkeypatch, arch, qtype):
+    """The C block (apr.model.native_step) against the torch Block, teacher-forced over a prefilled cache:
+    both are as close to the float32 reference as each other (they differ in where activations are
+    rounded: bf16 between torch ops, float32 in C), and close to each other."""
+    from tiny_gguf import write_tiny_gguf
+
+    from apr.model import native_step
+    from apr.runtime import load_model
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch, qtype, n_heads=4, n_kv_heads=2)
+    prompt, steps = torch.tensor([5, 77, 200, 3, 99]), [10, 20, 30, 40, 50, 60]
+
+    def logits(model, flag: str) -> torch.Tensor:
+        monkeypatch.setenv("APR_NATIVE_STEP", flag)
+        model.setup_cache(32)
+        model._native = None
+        out = [model(prompt, 0)] + [model(torch.tensor([t]), len(prompt) + i) for i, t in enumerate(steps)]
+        assert (model._native is not None) == (flag == "1" and model.dtype != torch.float32)  # what ran
+        return torch.cat(out)  # (1 + steps, vocab)
+
+    ref = logits(load_model(path, dtype="float32", backend="cpu", quiet=True).model, "1")
+    model = load_model(path, dtype="bfloat16", backend="cpu", quiet=True).model
+    model.setup_cache(32)
+    assert native_step.usable(model)
+    c_block, torch_block = logits(model, "1"), logits(model, "0")
+
+    def cos(a, b) -> float:
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+    assert cos(c_block, ref) > cos(torch_block, ref) - 2e-3
+    assert cos(c_block, torch_block) > 0.99 and cos(c_block, ref) > 0.99

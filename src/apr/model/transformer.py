@@ -145,6 +145,7 @@ class Transformer(nn.Module):
         self.tap: Tap | None = None
         self.dtype, self.device = torch.float32, torch.device("cpu")
         self._graph: _Graph | None = None
+        self._native = None  # apr.model.native_step.NativeStep over the current cache and weights
 
     def materialize(self, dtype: torch.dtype, device=None) -> "Transformer":
         """Prepare every quantized module for compute in `dtype` on `device` (dense or packed, the module
@@ -157,7 +158,7 @@ class Transformer(nn.Module):
                 m.materialize(torch.float32, self.device)
             elif isinstance(m, RMSNorm):
                 m.weight, m.out_dtype = m.weight.to(self.device), dtype
-        self.cache, self._graph = None, None
+        self.cache, self._graph, self._native = None, None, None
         return self
 
     def setup_cache(self, capacity: int) -> None:
@@ -187,6 +188,8 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {pos + t} exceed the KV cache; call setup_cache first")
         if t == 1 and self.tap is None and self._graphs_enabled():
             return self._graph_step(ids, pos)
+        if t == 1 and self.tap is None and self.device.type == "cpu" and self._native_ok():
+            return self._native(ids, pos)
         # the residual stream stays float32 whatever the compute dtype, so its sums over dozens of layers
         # add no rounding of their own (a small effect: SmolLM2 Q4_1 top-1 vs float32 96.3% -> 96.5%)
         x = self.token_embd(ids).float()  # (T, dim)
@@ -213,6 +216,15 @@ class Transformer(nn.Module):
         for block in self.blk:
             x = block(x, pos, cos, sin, self.cache, None, mask)
         return self.output(self.output_norm(x)).float()
+
+    def _native_ok(self) -> bool:
+        """Whether this step can run the C block (apr.model.native_step); (re)built over the current cache."""
+        from apr.model import native_step
+
+        if self._native is not None and self._native.valid_for(self):
+            return True
+        self._native = native_step.NativeStep(self) if native_step.usable(self) else None
+        return self._native is not None
 
     def _graphs_enabled(self) -> bool:
         return self.device.type == "cuda" and os.environ.get("APR_CUDA_GRAPHS", "1") != "0"

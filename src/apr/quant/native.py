@@ -4,7 +4,7 @@ Decode steps multiply one row of activations by every weight: memory-bound work 
 kernel is compute-bound on AVX2 CPUs. The C kernel dots int8-quantized activations with the raw
 blocks (see the file's header for the arithmetic), so a weight is read once, in the file's own bytes.
 
-It is compiled with the system C compiler into `$APR_HOME/kernels/` (one plain C file, about a second)
+It is compiled with the system C compiler into `$APR_HOME/kernels/` (plain C files, a few seconds)
 and loaded with ctypes. Where there is no compiler, no AVX2/FMA/F16C, or `APR_NATIVE=0`, `available()`
 is False with a reason and apr runs its torch kernels instead: slower, same results within rounding.
 OpenMP comes from torch's own libgomp (same soname, already loaded), so both share one thread pool.
@@ -25,7 +25,7 @@ import torch
 
 from apr import hub
 
-SOURCE = Path(__file__).with_name("csrc") / "ggml_matvec.c"
+SOURCES = [Path(__file__).with_name("csrc") / f for f in ("ggml_matvec.c", "decode_layer.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # rows of activations up to which the kernel beats dequantize + GEMM (prefill goes to the GEMM)
 MAX_ROWS = 8
@@ -47,7 +47,7 @@ def _compiler() -> str | None:
 
 def _build(cc: str) -> Path:
     """Compile once per (source, flags, compiler); the file appears atomically, so racing builds are safe."""
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     out = hub.apr_home() / "kernels" / f"ggml_matvec-{key}.so"
@@ -56,7 +56,7 @@ def _build(cc: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(so), "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(so), "-lm"], capture_output=True, text=True)
         if r.returncode:
             raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
         os.replace(so, out)
@@ -83,10 +83,15 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"native kernel build failed: {e}"
     lib.apr_supports.argtypes = [ctypes.c_int]
     p = ctypes.c_void_p
+    lib.apr_decode_layer.argtypes = [p, p, ctypes.c_int64, p, p, ctypes.c_int]
     lib.apr_dequant.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int]
     lib.apr_matmul_multi.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int64, p, ctypes.c_int, ctypes.c_int64,
                                      p, ctypes.c_int, ctypes.c_int]
     return lib, "ok"
+
+
+def lib() -> ctypes.CDLL | None:
+    return _load()[0]
 
 
 def available() -> bool:

@@ -1,0 +1,80 @@
+"""Decode steps (one token) through the C block of apr.quant.native (csrc/decode_layer.c).
+
+Used by Transformer.forward when every linear of every block reads ggml blocks in place (kind "ggml"),
+the compute dtype is not float32 (the reference path stays torch), nothing is tapped (trace/parity see
+the torch block) and the step is one token on the CPU. Prefill, taps and every other case run the torch
+Block; both write the same KV cache, so a prompt prefilled in torch decodes in C and vice versa.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from apr.quant import native
+
+_P = ctypes.c_void_p
+
+
+class _WGroup(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int), ("qtypes", _P), ("ws", _P), ("row_bytes", _P), ("Ns", _P), ("biases", _P)]
+
+
+class _DLayer(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_int64) for f in ("dim", "n_heads", "n_kv", "head_dim", "ffn_dim", "cache_len")] + [
+        ("neox", ctypes.c_int), ("eps", ctypes.c_float),
+        ("attn_norm", _P), ("ffn_norm", _P), ("qkv", _WGroup), ("out", _WGroup), ("gate_up", _WGroup),
+        ("down", _WGroup), ("k_cache", _P), ("v_cache", _P)]
+
+
+def _group(mods) -> tuple[_WGroup, native.Group]:
+    g = native.Group([(m.raw, m.qtype, m.out_features, m._bias32) for m in mods])
+    return _WGroup(g.args[0], *(ctypes.cast(a, _P) for a in g.args[1:])), g
+
+
+def usable(model) -> bool:
+    if os.environ.get("APR_NATIVE_STEP", "1") == "0":  # diagnostic switch: decode through the torch block
+        return False
+    lib = native.lib()
+    if lib is None or model.dtype == torch.float32 or model.device.type != "cpu" or model.cache is None:
+        return False
+    if model.cache.k.dtype != torch.bfloat16 or model.cfg.head_dim > 1024:
+        return False
+    return all(getattr(b, name).kind == "ggml" for b in model.blk for name in
+               ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+
+
+class NativeStep:
+    """The C block for every layer of `model`, built over its current KV cache buffers and prepared weights."""
+
+    def __init__(self, model):
+        cfg, cache = model.cfg, model.cache
+        self.model, self.cache_k = model, cache.k
+        self.keep, self.layers = [], []
+        per_layer = cache.k[0].numel() * cache.k.element_size()  # (1, KV, S, hd) bytes
+        for i, b in enumerate(model.blk):
+            groups = [_group(mods) for mods in ((b.attn_q, b.attn_k, b.attn_v), (b.attn_output,),
+                                                (b.ffn_gate, b.ffn_up), (b.ffn_down,))]
+            self.keep += [g for _, g in groups] + [b.attn_norm.weight, b.ffn_norm.weight]
+            self.layers.append(_DLayer(
+                cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cache.size,
+                int(not cfg.rope_interleaved), cfg.norm_eps,
+                b.attn_norm.weight.data_ptr(), b.ffn_norm.weight.data_ptr(), *(w for w, _ in groups),
+                cache.k.data_ptr() + i * per_layer, cache.v.data_ptr() + i * per_layer))
+
+    def valid_for(self, model) -> bool:
+        return model.cache is not None and model.cache.k is self.cache_k
+
+    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """ids (1,) at position pos -> float32 logits (1, vocab)."""
+        m, lib = self.model, native.lib()
+        x = m.token_embd(ids).float().contiguous()  # (1, dim): the residual stream, updated in place
+        cos, sin = (t.float().contiguous() for t in m.rope(slice(pos, pos + 1)))  # (1, hd) or (1, hd/2)
+        threads = torch.get_num_threads()
+        for layer in self.layers:
+            rc = lib.apr_decode_layer(ctypes.byref(layer), x.data_ptr(), pos, cos.data_ptr(), sin.data_ptr(), threads)
+            if rc:
+                raise RuntimeError(f"native decode step failed ({rc}) at position {pos}")
+        return m.output(m.output_norm(x)).float()

@@ -1,0 +1,135 @@
+/* One transformer block for one decode token (T = 1) in a single call: the glue around the matvecs.
+ *
+ * Why: a decode step of a small model is ~200 tiny torch ops per layer (norms, rope, cache writes,
+ * attention over a few hundred keys, residual adds), each costing microseconds of dispatch: on the 2-core
+ * dev box that was ~15 ms of a ~60 ms token. Here the same math runs in C on float32 activations, with
+ * the weights' matvecs going through apr_matmul_multi (ggml_matvec.c). The block mirrors
+ * apr/model/transformer.py (Block.forward): RMSNorm, q/k/v (+ bias), rope, KV cache write, causal GQA
+ * attention, output projection, residual, RMSNorm, SwiGLU FFN, residual. tests/test_native.py checks it
+ * against the torch block on tiny random models of both architectures.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const int64_t *row_bytes,
+                     const int64_t *Ns, const float *const *biases, int64_t K, const void *x, int x_bf16,
+                     int64_t M, void *y, int y_bf16, int threads);
+
+typedef struct { /* weights that read the same input, as apr_matmul_multi takes them */
+    int n;
+    const int *qtypes;
+    const uint8_t *const *ws;
+    const int64_t *row_bytes, *Ns;
+    const float *const *biases;
+} wgroup;
+
+typedef struct { /* one block; built once in Python (apr.quant.native.DecodeLayer) */
+    int64_t dim, n_heads, n_kv, head_dim, ffn_dim, cache_len; /* cache_len: positions in the cache buffers */
+    int neox; /* rope on halves (qwen2) or adjacent pairs (llama) */
+    float eps;
+    const float *attn_norm, *ffn_norm;
+    wgroup qkv, out, gate_up, down;
+    uint16_t *k_cache, *v_cache; /* this layer's (n_kv, cache_len, head_dim) bfloat16 buffers */
+} dlayer;
+
+static int matvec(const wgroup *g, int64_t K, const float *x, float *y, int threads) {
+    return apr_matmul_multi(g->n, g->qtypes, g->ws, g->row_bytes, g->Ns, g->biases, K, x, 0, 1, y, 0, threads);
+}
+
+static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
+    double ss = 0; /* as torch: mean of squares in float32 is fine too, double costs nothing here */
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* x (heads, hd) in place. neox: cos/sin hold hd values in halves form ([cos, cos], [-sin, sin]); pairs:
+ * hd/2 values, rotating (x[2i], x[2i+1]). Same products as apply_rope / rope_halves. */
+static void rope(float *x, int64_t heads, int64_t hd, int neox, const float *cos, const float *sin) {
+    float tmp[1024];
+    for (int64_t h = 0; h < heads; h++, x += hd) {
+        if (neox) {
+            memcpy(tmp, x, sizeof(float) * (size_t)hd);
+            for (int64_t i = 0; i < hd; i++) x[i] = tmp[i] * cos[i] + tmp[(i + hd / 2) % hd] * sin[i];
+        } else {
+            for (int64_t i = 0; i < hd / 2; i++) {
+                const float a = x[2 * i], b = x[2 * i + 1];
+                x[2 * i] = a * cos[i] - b * sin[i];
+                x[2 * i + 1] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+}
+
+static inline float bf16f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) { /* round to nearest even (no NaN inputs here: finite activations) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+
+/* out (heads, hd) = softmax(q k^T / sqrt(hd)) v over cached positions 0..pos, kv head = head / group */
+static void attention(const dlayer *L, const float *q, int64_t pos, float *out, int threads) {
+    const int64_t hd = L->head_dim, group = L->n_heads / L->n_kv, S = L->cache_len;
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t h = 0; h < L->n_heads; h++) {
+        const int64_t base = (h / group) * S * hd;
+        float *p = malloc(sizeof(float) * (size_t)(pos + 1)), mx = -INFINITY, sum = 0;
+        for (int64_t s = 0; s <= pos; s++) {
+            float dot = 0;
+            for (int64_t i = 0; i < hd; i++) dot += q[h * hd + i] * bf16f(L->k_cache[base + s * hd + i]);
+            p[s] = dot * scale;
+            mx = p[s] > mx ? p[s] : mx;
+        }
+        for (int64_t s = 0; s <= pos; s++) sum += (p[s] = expf(p[s] - mx));
+        float *o = out + h * hd;
+        for (int64_t i = 0; i < hd; i++) o[i] = 0;
+        for (int64_t s = 0; s <= pos; s++) {
+            const float w = p[s] / sum;
+            for (int64_t i = 0; i < hd; i++) o[i] += w * bf16f(L->v_cache[base + s * hd + i]);
+        }
+        free(p);
+    }
+}
+
+/* x (dim) float32, the residual stream, in place: x += attn(norm(x)); x += ffn(norm(x)). Token at `pos`;
+ * cos/sin: that position's rope row. Returns 0, -1 on bad shapes or weights, -2 out of memory. */
+int apr_decode_layer(const dlayer *L, float *x, int64_t pos, const float *cos, const float *sin, int threads) {
+    const int64_t dim = L->dim, hd = L->head_dim, qn = L->n_heads * hd, kvn = L->n_kv * hd, F = L->ffn_dim;
+    if (pos < 0 || pos >= L->cache_len || hd > 1024 || L->n_heads % L->n_kv) return -1;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * dim + qn + 2 * kvn + qn + 2 * F));
+    if (!buf) return -2;
+    float *h = buf, *qkv = h + dim, *att = qkv + qn + 2 * kvn, *gu = att + qn, *o = gu + 2 * F;
+    int rc = 0;
+    rms_norm(x, L->attn_norm, dim, L->eps, h);
+    if ((rc = matvec(&L->qkv, dim, h, qkv, threads))) goto done;
+    float *q = qkv, *k = qkv + qn, *v = qkv + qn + kvn;
+    rope(q, L->n_heads, hd, L->neox, cos, sin);
+    rope(k, L->n_kv, hd, L->neox, cos, sin);
+    for (int64_t j = 0; j < L->n_kv; j++) /* cache layout (n_kv, cache_len, hd) */
+        for (int64_t i = 0; i < hd; i++) {
+            L->k_cache[(j * L->cache_len + pos) * hd + i] = f2bf(k[j * hd + i]);
+            L->v_cache[(j * L->cache_len + pos) * hd + i] = f2bf(v[j * hd + i]);
+        }
+    attention(L, q, pos, att, threads);
+    if ((rc = matvec(&L->out, qn, att, o, threads))) goto done;
+    for (int64_t i = 0; i < dim; i++) x[i] += o[i];
+    rms_norm(x, L->ffn_norm, dim, L->eps, h);
+    if ((rc = matvec(&L->gate_up, dim, h, gu, threads))) goto done;
+    for (int64_t i = 0; i < F; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[F + i]; /* silu(gate) * up */
+    if ((rc = matvec(&L->down, F, gu, o, threads))) goto done;
+    for (int64_t i = 0; i < dim; i++) x[i] += o[i];
+done:
+    free(buf);
+    return rc;
+}
