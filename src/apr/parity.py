@@ -181,7 +181,7 @@ def compare(a, b, ids: list[int], tol: Tolerance | None = None, points=None, chu
     """Run A then B over `ids` chunk by chunk, comparing every captured point and the logits."""
     tol = tol or Tolerance()
     ra, rb = _runner(a), _runner(b)
-    points = tuple(points or ALL_POINTS)
+    points = ALL_POINTS if points is None else tuple(points)  # (): logits only, no taps
     if not ids:
         raise AprError("nothing to compare: no tokens")
     n = len(ids)
@@ -219,9 +219,10 @@ def _run_pair(ra, rb, ids: torch.Tensor, pos: int, points, accs) -> tuple[torch.
             raise AprError(f"A and B differ in shape at layer {layer} {point}: {tuple(a.shape)} vs {tuple(x.shape)}")
         accs.setdefault((layer, point), _Acc()).add(a, x.detach().to("cpu", torch.float32))
 
-    # compared on the CPU, so a cuda run can be checked against a cpu one
-    la = ra.run(ids, pos, keep).float().cpu()
-    lb = rb.run(ids, pos, check).float().cpu()
+    # compared on the CPU, so a cuda run can be checked against a cpu one. Without points nothing is
+    # tapped, so each model runs exactly as it generates (taps keep apr on its torch block)
+    la = ra.run(ids, pos, keep if points else None).float().cpu()
+    lb = rb.run(ids, pos, check if points else None).float().cpu()
     return la, lb
 
 

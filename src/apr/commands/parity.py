@@ -31,9 +31,10 @@ def setup_parser(p):
     p.add_argument("--b-backend", choices=BACKENDS, default="auto")
     p.add_argument("--chunk", type=int, default=None, metavar="N",
                    help="positions per forward call (default: as many as memory allows, the prefill path); "
-                        "8 or fewer send every matmul through the decode kernels")
+                        "1 runs every position through the decode step (the C block and the native matvec)")
     p.add_argument("--points", default="all",
-                   help="comma-separated tap points to compare, or 'all' (default); e.g. residual")
+                   help="comma-separated tap points to compare, 'all' (default), or 'logits' (no taps: each "
+                        "model runs exactly as it generates); e.g. residual")
     p.add_argument("--min-cosine", type=float, default=0.99, help="per-point cosine threshold (default 0.99)")
     p.add_argument("--std-band", type=float, nargs=2, default=[0.5, 2.0], metavar=("LO", "HI"),
                    help="allowed std(A)/std(B) (default 0.5 2.0)")
@@ -111,6 +112,8 @@ def parse_points(spec: str) -> tuple[str, ...] | None:
 
     if spec == "all":
         return None
+    if spec == "logits":
+        return ()
     points = tuple(p.strip() for p in spec.split(",") if p.strip())
     bad = [p for p in points if p not in ALL_POINTS]
     if bad or not points:
