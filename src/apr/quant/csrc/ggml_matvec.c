@@ -174,21 +174,24 @@ static float dot_q5_k(const uint8_t *w, xrow x, int64_t K) { return dot_k(w, x, 
 /* Q6_K (210 B / 256): ql[128], qh[64], scales int8[16], d; w = d sc (q - 32) with 16-value sub-blocks.
  * Half h (128 values) takes ql[64h..], qh[32h..]: value 32c + l (c = 0..3, l = 0..31) is
  * (ql[l + 32 (c & 1)] >> 4 (c >> 1)) & 15 | ((qh[l] >> 2c) & 3) << 4, scale sc[8h + 2c + l / 16]. */
+static inline void q6k_half(const uint8_t *w, int h, __m256i q[4]) { /* the 6-bit q (0..63) of half h */
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    __m256i l0 = load32(w + 64 * h), l1 = load32(w + 64 * h + 32), qh = load32(w + 128 + 32 * h);
+    q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+    q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+}
+
 static float dot_q6_k(const uint8_t *w, xrow x, int64_t K) {
-    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), b32 = _mm256_set1_epi8(32);
+    const __m256i b32 = _mm256_set1_epi8(32);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; sb++, w += 210) {
         const float d = f16(w + 208);
         const int8_t *sc = (const int8_t *)(w + 192);
         for (int h = 0; h < 2; h++) {
-            __m256i l0 = load32(w + 64 * h), l1 = load32(w + 64 * h + 32), qh = load32(w + 128 + 32 * h);
-            __m256i q[4] = {
-                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
-            };
+            __m256i q[4];
+            q6k_half(w, h, q);
             for (int c = 0; c < 4; c++) {
                 const int64_t b = sb * 8 + 4 * h + c;
                 __m256i wq = _mm256_sub_epi8(q[c], b32), xq = load32(x.q + 32 * b);
@@ -369,16 +372,10 @@ static void dequant_row(int qtype, const uint8_t *w, int64_t K, float *out) {
         case Q6_K: { /* (d sc) * (q - 32), per 16-value sub-block */
             const float d = f16(w + 208);
             const int8_t *sc = (const int8_t *)(w + 192);
-            const __m256i m30 = _mm256_set1_epi8(0x30), b32 = _mm256_set1_epi8(32);
+            const __m256i b32 = _mm256_set1_epi8(32);
             for (int h = 0; h < 2; h++) {
-                __m256i l0 = load32(w + 64 * h), l1 = load32(w + 64 * h + 32), qh = load32(w + 128 + 32 * h);
-                __m256i q[4] = {
-                    _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-                    _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
-                };
+                __m256i q[4];
+                q6k_half(w, h, q);
                 for (int c = 0; c < 4; c++) {
                     s[0] = s[1] = d * sc[8 * h + 2 * c], s[2] = s[3] = d * sc[8 * h + 2 * c + 1];
                     store32(out + i + 128 * h + 32 * c, _mm256_sub_epi8(q[c], b32), s, 0);
