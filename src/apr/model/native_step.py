@@ -40,7 +40,7 @@ def usable(model) -> bool:
     lib = native.lib()
     if lib is None or model.dtype == torch.float32 or model.device.type != "cpu" or model.cache is None:
         return False
-    if model.cache.k.dtype != torch.bfloat16 or model.cfg.head_dim > 1024:
+    if model.cache.k.dtype != torch.bfloat16 or model.cfg.head_dim > 1024 or model.cfg.head_dim % 8:
         return False
     return all(getattr(b, name).kind == "ggml" for b in model.blk for name in
                ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
