@@ -104,12 +104,18 @@ static float dot_q4_1(const uint8_t *w, xrow x, int64_t K) { /* d, m, qs[16]: d 
 }
 
 static float dot_q5_0(const uint8_t *w, xrow x, int64_t K) { /* d, qh[4], qs[16]: d (q - 16) */
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < K / 32; b++, w += 22) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; /* two chains: blocks are independent */
+    int64_t b = 0;
+    for (; b + 1 < K / 32; b += 2, w += 44)
+        for (int u = 0; u < 2; u++) {
+            __m256i q = _mm256_or_si256(nibbles(w + 22 * u + 6), fifth_bits_minus16(w + 22 * u + 2));
+            acc[u] = ACC(dot_ss(q, load32(x.q + 32 * (b + u))), f16(w + 22 * u) * x.d[b + u], acc[u]);
+        }
+    for (; b < K / 32; b++, w += 22) {
         __m256i q = _mm256_or_si256(nibbles(w + 6), fifth_bits_minus16(w + 2));
-        acc = ACC(dot_ss(q, load32(x.q + 32 * b)), f16(w) * x.d[b], acc);
+        acc[0] = ACC(dot_ss(q, load32(x.q + 32 * b)), f16(w) * x.d[b], acc[0]);
     }
-    return hsum(acc);
+    return hsum(_mm256_add_ps(acc[0], acc[1]));
 }
 
 static float dot_q5_1(const uint8_t *w, xrow x, int64_t K) { /* d, m, qh[4], qs[16]: d q + m */
@@ -138,34 +144,49 @@ static inline void k_scale_min(const uint8_t *q, int j, float *sc, float *mn) {
 /* Q4_K (144 B / 256) and Q5_K (176 B / 256): d, dmin, scales[12], [qh[32]], qs[128]; w = d sc q - dmin m.
  * Chunk j (64 values) takes qs[32j..32j+31]: low nibbles are sub-block 2j, high nibbles 2j+1; Q5_K adds
  * bit 2j / 2j+1 of qh[l] as the fifth bit. */
+/* The 8 scales and 8 mins of a Q4_K/Q5_K super-block as floats, from the 12 packed bytes (same values
+ * as k_scale_min, four bytes at a time) */
+static inline void k_scales_mins(const uint8_t *packed, __m256 *sc, __m256 *mn) {
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+    u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4); /* mins 4..7 */
+    const uint32_t mins_lo = u[1] & low6;                        /* mins 0..3 */
+    u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);         /* scales 4..7 */
+    u[2] = mins_lo;
+    u[0] &= low6;                                                /* scales 0..3 */
+    __m128i bytes = _mm_loadu_si128((const __m128i *)u);
+    *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+    *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+}
+
 static inline float dot_k(const uint8_t *w, xrow x, int64_t K, int five) {
     const __m256i m4 = _mm256_set1_epi8(15);
-    __m256 acc = _mm256_setzero_ps();
-    float off = 0;
+    __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();
     const int64_t size = five ? 176 : 144;
+    float scale[8] __attribute__((aligned(32)));
     for (int64_t sb = 0; sb < K / 256; sb++, w += size) {
-        const float d = f16(w), dmin = f16(w + 2);
+        __m256 sc, mn;
+        k_scales_mins(w + 4, &sc, &mn);
+        /* per sub-block: d sc times x's block scale; the offsets dmin m times x's block sums, 8 at once */
+        _mm256_store_ps(scale, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(f16(w)), sc), _mm256_loadu_ps(x.d + sb * 8)));
+        off = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(f16(w + 2)), mn), _mm256_loadu_ps(x.s + sb * 8), off);
         const uint8_t *qs = w + (five ? 48 : 16);
+        const int8_t *xq = x.q + sb * 256;
         __m256i qh = five ? load32(w + 16) : _mm256_setzero_si256();
-        float sub_off = 0;
         for (int j = 0; j < 4; j++) {
             __m256i v = load32(qs + 32 * j);
             __m256i q[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
             for (int h = 0; h < 2; h++) {
                 const int sub = 2 * j + h;
-                const int64_t b = sb * 8 + sub;
-                float sc, mn;
-                k_scale_min(w + 4, sub, &sc, &mn);
                 if (five) /* bit `sub` of each qh byte -> 16 */
                     q[h] = _mm256_or_si256(q[h], _mm256_and_si256(
                         _mm256_slli_epi16(_mm256_srli_epi16(qh, sub), 4), _mm256_set1_epi8(16)));
-                acc = ACC(dot_us(q[h], load32(x.q + 32 * b)), d * sc * x.d[b], acc);
-                sub_off += mn * x.s[b];
+                acc = ACC(dot_us(q[h], load32(xq + 32 * sub)), scale[sub], acc);
             }
         }
-        off += dmin * sub_off;
     }
-    return hsum(acc) - off;
+    return hsum(acc) - hsum(off);
 }
 
 static float dot_q4_k(const uint8_t *w, xrow x, int64_t K) { return dot_k(w, x, K, 0); }
