@@ -93,7 +93,10 @@ def test_matches_naive_reference(tmp_path, arch, qtype):
 def test_kv_cache_decode_equals_full_forward(tmp_path, arch, dtype, monkeypatch):
     from apr.quant import native
 
-    monkeypatch.setattr(native, "MAX_ROWS", 64)  # every chunk on one kernel path: this tests the cache, not kernels
+    # every chunk on one kernel path and the torch block (the C decode block is checked against it in
+    # test_native.py): this tests the cache, not kernels
+    monkeypatch.setattr(native, "MAX_ROWS", 64)
+    monkeypatch.setenv("APR_NATIVE_STEP", "0")
     path = write_tiny_gguf(tmp_path / "m.gguf", arch, Q.Q4_K)
     _, _, model = load(path, dtype)
     ids = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 100])
