@@ -152,3 +152,30 @@ def test_c_decode_block_matches_the_torch_block(tmp_path, monkeypatch, arch, qty
 
     assert cos(c_block, ref) > cos(torch_block, ref) - 2e-3
     assert cos(c_block, torch_block) > 0.99 and cos(c_block, ref) > 0.99
+
+
+def test_decode_block_follows_reprepared_weights(tmp_path):
+    """The C block and the fused calls hold raw pointers: swapping a module's blocks must reach them."""
+    from tiny_gguf import write_tiny_gguf
+
+    from apr.runtime import load_model
+
+    model = load_model(write_tiny_gguf(tmp_path / "m.gguf", "qwen2", Q.Q8_0), dtype="bfloat16", backend="cpu",
+                       quiet=True).model
+
+    model.setup_cache(16)
+    model(torch.tensor([5, 77, 200]), 0)  # the prompt's cache, shared by every step below
+
+    def step() -> torch.Tensor:
+        return model(torch.tensor([9]), 3)  # one token at the same position: the C block
+
+    before = step()
+    assert model._native is not None
+    mod = model.blk[0].attn_q
+    raw = mod.raw
+    mod.raw, mod.prepared = raw.flip(0).clone(), None  # rows reversed: another model
+    mod.materialize(torch.bfloat16)
+    changed = step()
+    mod.raw, mod.prepared = raw, None
+    mod.materialize(torch.bfloat16)
+    assert not torch.equal(changed, before) and torch.equal(step(), before)

@@ -14,6 +14,7 @@ import os
 import torch
 
 from apr.quant import native
+from apr.quant.linear import prepared_version
 
 _P = ctypes.c_void_p
 
@@ -51,7 +52,7 @@ class NativeStep:
 
     def __init__(self, model):
         cfg, cache = model.cfg, model.cache
-        self.model, self.cache_k = model, cache.k
+        self.model, self.cache_k, self.version = model, cache.k, prepared_version()
         self.keep, self.layers = [], []
         per_layer = cache.k[0].numel() * cache.k.element_size()  # (1, KV, S, hd) bytes
         for i, b in enumerate(model.blk):
@@ -65,7 +66,8 @@ class NativeStep:
                 cache.k.data_ptr() + i * per_layer, cache.v.data_ptr() + i * per_layer))
 
     def valid_for(self, model) -> bool:
-        return model.cache is not None and model.cache.k is self.cache_k
+        """Built over this cache and these weights (any re-prepared linear invalidates it)."""
+        return model.cache is not None and model.cache.k is self.cache_k and prepared_version() == self.version
 
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """ids (1,) at position pos -> float32 logits (1, vocab)."""

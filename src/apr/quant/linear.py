@@ -17,6 +17,15 @@ from apr.quant.pages import release_file_pages, trim_heap
 from apr.quant.table import dequantize_rows, row_bytes, type_name
 
 
+# Bumped whenever any QuantLinear gets a new prepared state: native call groups and the C decode block
+# hold raw pointers, so they are rebuilt after any change (a materialize, a load, a test swapping rows).
+_VERSION = [0]
+
+
+def prepared_version() -> int:
+    return _VERSION[0]
+
+
 def _check_raw(raw: torch.Tensor, qtype: int, rows: int, cols: int, what: str) -> None:
     want = (rows, row_bytes(qtype, cols))
     if raw.dtype != torch.uint8 or tuple(raw.shape) != want:
@@ -74,6 +83,7 @@ class QuantLinear(nn.Module):
 
     def _set(self, p: kernels.Prepared, device: torch.device) -> None:
         self.prepared, self._groups = p, {}
+        _VERSION[0] += 1
         self.weight = p.tensors.get("weight")
         if self._bias32 is not None:
             self.bias = self._bias32.to(device=device, dtype=p.dtype)
@@ -157,11 +167,11 @@ def fused(mods: list[QuantLinear], x: torch.Tensor) -> list[torch.Tensor]:
     first = mods[0]
     if not _few_rows(x) or not all(m.kind == "ggml" and m.prepared.dtype == x.dtype for m in mods):
         return [m(x) for m in mods]
-    key = tuple(id(m.prepared) for m in mods)
-    group = first._groups.get(key)
-    if group is None:  # built once per prepared state (materialize makes a new one)
+    key = tuple(map(id, mods))
+    version, group = first._groups.get(key, (None, None))
+    if version != _VERSION[0]:  # built once per set of prepared states (see _VERSION)
         group = native.Group([(m.raw, m.qtype, m.out_features, m._bias32) for m in mods])
-        first._groups[key] = group
+        first._groups[key] = (_VERSION[0], group)
     return list(group(x).split(group.sizes, dim=-1))
 
 
