@@ -160,8 +160,18 @@ static inline void k_scales_mins(const uint8_t *packed, __m256 *sc, __m256 *mn) 
     *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
 }
 
+/* chunk j (64 values) of a Q4_K/Q5_K super-block: sub-blocks 2j (low nibbles) and 2j+1 (high nibbles),
+ * with Q5_K's fifth bit (bit 2j / 2j+1 of each qh byte) as 16 */
+static inline void k_chunk(const uint8_t *qs, __m256i qh, int five, int j, __m256i q[2]) {
+    const __m256i m4 = _mm256_set1_epi8(15), v = load32(qs + 32 * j);
+    q[0] = _mm256_and_si256(v, m4);
+    q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    for (int h = 0; five && h < 2; h++)
+        q[h] = _mm256_or_si256(q[h], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * j + h), 4),
+                                                      _mm256_set1_epi8(16)));
+}
+
 static inline float dot_k(const uint8_t *w, xrow x, int64_t K, int five) {
-    const __m256i m4 = _mm256_set1_epi8(15);
     __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();
     const int64_t size = five ? 176 : 144;
     float scale[8] __attribute__((aligned(32)));
@@ -175,13 +185,10 @@ static inline float dot_k(const uint8_t *w, xrow x, int64_t K, int five) {
         const int8_t *xq = x.q + sb * 256;
         __m256i qh = five ? load32(w + 16) : _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
-            __m256i v = load32(qs + 32 * j);
-            __m256i q[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
+            __m256i q[2];
+            k_chunk(qs, qh, five, j, q);
             for (int h = 0; h < 2; h++) {
                 const int sub = 2 * j + h;
-                if (five) /* bit `sub` of each qh byte -> 16 */
-                    q[h] = _mm256_or_si256(q[h], _mm256_and_si256(
-                        _mm256_slli_epi16(_mm256_srli_epi16(qh, sub), 4), _mm256_set1_epi8(16)));
                 acc = ACC(dot_us(q[h], load32(xq + 32 * sub)), scale[sub], acc);
             }
         }
@@ -342,7 +349,6 @@ static inline void store32(float *out, __m256i q, const float *scale, const floa
 }
 
 static void dequant_row(int qtype, const uint8_t *w, int64_t K, float *out) {
-    const __m256i m4 = _mm256_set1_epi8(15);
     for (int64_t i = 0; i < K; i += (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) ? 256 : 32) {
         float s[4], o[4];
         switch (qtype) {
@@ -374,15 +380,12 @@ static void dequant_row(int qtype, const uint8_t *w, int64_t K, float *out) {
             const uint8_t *qs = w + (five ? 48 : 16);
             __m256i qh = five ? load32(w + 16) : _mm256_setzero_si256();
             for (int j = 0; j < 4; j++) {
-                __m256i v = load32(qs + 32 * j);
-                __m256i q[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
+                __m256i q[2];
+                k_chunk(qs, qh, five, j, q);
                 for (int h = 0; h < 2; h++) {
                     const int sub = 2 * j + h;
                     float sc, mn;
                     k_scale_min(w + 4, sub, &sc, &mn);
-                    if (five)
-                        q[h] = _mm256_or_si256(q[h], _mm256_and_si256(
-                            _mm256_slli_epi16(_mm256_srli_epi16(qh, sub), 4), _mm256_set1_epi8(16)));
                     s[0] = s[1] = s[2] = s[3] = d * sc, o[0] = o[1] = o[2] = o[3] = -(dmin * mn);
                     store32(out + i + 32 * sub, q[h], s, o);
                 }
