@@ -236,15 +236,12 @@ def linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Ten
 
 
 def _ggml_linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
-    """Few rows (decode): the native kernel on the blocks. Many rows (prefill): dequantized tiles and a
-    GEMM, whose arithmetic intensity the per-row kernel cannot match."""
-    from apr.quant import native
-
-    raw, k = p.tensors["raw"], x.shape[-1]
-    if x.numel() // k <= native.MAX_ROWS:
-        return native.matmul(x, raw, p.qtype, p.rows, bias)
+    """Many rows (prefill): dequantized tiles and a GEMM, whose arithmetic intensity the per-row kernel
+    cannot match. Few rows never come here: QuantLinear sends them to the native kernel (linear.fused)."""
+    k = x.shape[-1]
     tile_dtype = torch.bfloat16 if native_bf16_gemm() else torch.float32
-    return chunked_gemm(x, lambda r0, r1: dequantize(raw[r0:r1], p.qtype, (r1 - r0, k)).to(tile_dtype), p.rows, bias)
+    tile = lambda r0, r1: dequantize(p.tensors["raw"][r0:r1], p.qtype, (r1 - r0, k)).to(tile_dtype)  # noqa: E731
+    return chunked_gemm(x, tile, p.rows, bias)
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
