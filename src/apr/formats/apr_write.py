@@ -24,7 +24,7 @@ from apr import __version__
 from apr.errors import AprError, BadModelFile
 from apr.formats import apr as fmt
 from apr.formats.apr_quant import FILE_TYPES, MODES, requantize, target_type
-from apr.formats.gguf import _ARRAY, _Cursor, config_from_gguf, read_gguf
+from apr.formats.gguf import _ARRAY, _Cursor, config_from_gguf, map_file, read_gguf
 
 
 @dataclass
@@ -45,8 +45,7 @@ class Entry:
 # ---- GGUF key/value types (read_gguf keeps only the values; export needs the exact types back) ----
 
 def gguf_kv_types(path: Path) -> dict[str, tuple[int, int | None]]:
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    cur = _Cursor(memoryview(data), path)
+    cur = _Cursor(map_file(path), path)
     cur.take(4)
     cur.scalar("<I")  # version: read_gguf has checked it
     cur.count()

@@ -81,6 +81,35 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* q . k over hd lanes (a multiple of 8): two chains, so consecutive FMAs do not wait on each other */
+static inline float dot_bf16(const float *q, const uint16_t *k, int64_t hd) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= hd; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), bf16x8(k + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), bf16x8(k + i + 8), a1);
+    }
+    if (i < hd) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), bf16x8(k + i), a0);
+    return hsum8(_mm256_add_ps(a0, a1));
+}
+
+/* o[i0 .. i0 + 8 nv) = sum over s <= pos of p[s] v[s] for nv <= 8 vectors of 8 lanes: the positions run
+ * inside, each vector is its own chain, so the FMAs of one position are independent of each other. */
+static inline void weighted_sum(const float *p, const uint16_t *vc, int64_t hd, int64_t pos, int64_t i0, int nv,
+                                float inv, float *o) {
+    __m256 acc[8];
+    for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+    if (nv == 8) /* the usual case (head_dim 64 or 128): a constant count the compiler keeps in registers */
+        for (int64_t s = 0; s <= pos; s++)
+            for (int u = 0; u < 8; u++)
+                acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), bf16x8(vc + s * hd + i0 + 8 * u), acc[u]);
+    else
+        for (int64_t s = 0; s <= pos; s++)
+            for (int u = 0; u < nv; u++)
+                acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), bf16x8(vc + s * hd + i0 + 8 * u), acc[u]);
+    for (int u = 0; u < nv; u++) _mm256_storeu_ps(o + i0 + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
+}
+
 /* out (heads, hd) = softmax(q k^T / sqrt(hd)) v over cached positions 0..pos, kv head = head / group.
  * hd is a multiple of 8 (checked by the caller): 8 lanes at a time over the bf16 cache. */
 static void attention(const dlayer *L, const float *q, int64_t pos, float *out, int threads) {
@@ -89,21 +118,14 @@ static void attention(const dlayer *L, const float *q, int64_t pos, float *out, 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t h = 0; h < L->n_heads; h++) {
         const uint16_t *kc = L->k_cache + (h / group) * S * hd, *vc = L->v_cache + (h / group) * S * hd;
-        const float *qh = q + h * hd;
         float *p = malloc(sizeof(float) * (size_t)(pos + 1)), mx = -INFINITY, sum = 0;
         for (int64_t s = 0; s <= pos; s++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t i = 0; i < hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), bf16x8(kc + s * hd + i), acc);
-            p[s] = hsum8(acc) * scale;
+            p[s] = dot_bf16(q + h * hd, kc + s * hd, hd) * scale;
             mx = p[s] > mx ? p[s] : mx;
         }
         for (int64_t s = 0; s <= pos; s++) sum += (p[s] = expf(p[s] - mx));
-        float *o = out + h * hd;
-        for (int64_t i = 0; i < hd; i += 8) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t s = 0; s <= pos; s++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), bf16x8(vc + s * hd + i), acc);
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / sum)));
-        }
+        for (int64_t i0 = 0; i0 < hd; i0 += 64)
+            weighted_sum(p, vc, hd, pos, i0, (int)((hd - i0 < 64 ? hd - i0 : 64) / 8), 1.0f / sum, out + h * hd);
         free(p);
     }
 }
