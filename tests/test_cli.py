@@ -67,6 +67,28 @@ def test_hostile_counts(tmp_path, tiny_qwen):
     assert_one_line_error(apr("run", str(p), "--prompt", "x"), "implausible")
 
 
+def _tokens_count_offset(data: bytes) -> int:
+    """Offset of the string count of tokenizer.ggml.tokens: after the key, its type (array) and item type (string)."""
+    return data.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens") + 8
+
+
+@pytest.mark.parametrize("where,value,message", [
+    (0, 2**27, "implausible count"),  # more strings than the file has bytes for
+    (8, 2**40, "runs past the end"),  # the first string's length
+])
+def test_hostile_string_array(tmp_path, tiny_qwen, where, value, message):
+    from apr.errors import BadModelFile
+    from apr.formats.gguf import read_gguf
+
+    data = bytearray(tiny_qwen.read_bytes())
+    at = _tokens_count_offset(data) + where
+    data[at : at + 8] = value.to_bytes(8, "little")
+    p = tmp_path / "hostile.gguf"
+    p.write_bytes(bytes(data))
+    with pytest.raises(BadModelFile, match=message):
+        read_gguf(p)
+
+
 def test_unsupported_architecture(tmp_path):
     p = write_tiny_gguf(tmp_path / "m.gguf", "qwen2")
     data = p.read_bytes().replace(b"qwen2", b"mamba", 1)  # general.architecture's value comes first

@@ -87,6 +87,8 @@ class _Cursor:
 
     def strings(self, n: int) -> list[str]:
         """n strings: one tight loop, as a vocabulary and its merges are 300k of them."""
+        if 8 * n > self.end - self.pos:  # each string takes its 8-byte length at least: fail before looping
+            raise BadModelFile(f"{self.path}: implausible count {n} of strings at offset {self.pos - 8}")
         buf, pos, out = self.buf, self.pos, []
         unpack, add = _U64.unpack_from, out.append
         try:
