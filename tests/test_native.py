@@ -8,6 +8,7 @@ unrounded x, bounds what the rounding costs. Speed lives in benchmarks/, never h
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -120,17 +121,14 @@ def test_dequantize_is_bit_identical_to_the_torch_reference(qtype):
     assert torch.equal(dequantize(raw, qtype, (n, k)), ours)  # the table dispatches here on the CPU
 
 
-@pytest.mark.parametrize("arch,qtype", [("qwen2", Q.Q5_0), ("llama", Q.Q4_K), ("qwen2", Q.Q6_K)])
-def test_c_decode_block_matches_the_torch_block(tmp_path, monkeypatch, arch, qtype):
-    """The C block (apr.model.native_step) against the torch Block, teacher-forced over a prefilled cache:
-    both are as close to the float32 reference as each other (they differ in where activations are
-    rounded: bf16 between torch ops, float32 in C), and close to each other."""
+def _c_and_torch_block_logits(tmp_path, monkeypatch, arch, qtype, heads):
+    """Logits of the float32 reference, the C block and the torch Block, teacher-forced over a prefilled cache."""
     from tiny_gguf import write_tiny_gguf
 
     from apr.model import native_step
     from apr.runtime import load_model
 
-    path = write_tiny_gguf(tmp_path / "m.gguf", arch, qtype, n_heads=4, n_kv_heads=2)
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch, qtype, n_heads=heads, n_kv_heads=2)
     prompt, steps = torch.tensor([5, 77, 200, 3, 99]), [10, 20, 30, 40, 50, 60]
 
     def logits(model, flag: str) -> torch.Tensor:
@@ -145,13 +143,54 @@ def test_c_decode_block_matches_the_torch_block(tmp_path, monkeypatch, arch, qty
     model = load_model(path, dtype="bfloat16", backend="cpu", quiet=True).model
     model.setup_cache(32)
     assert native_step.usable(model)
-    c_block, torch_block = logits(model, "1"), logits(model, "0")
+    return ref, logits(model, "1"), logits(model, "0")
 
-    def cos(a, b) -> float:
-        return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
 
-    assert cos(c_block, ref) > cos(torch_block, ref) - 2e-3
-    assert cos(c_block, torch_block) > 0.99 and cos(c_block, ref) > 0.99
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)  # per step
+
+
+@pytest.mark.parametrize("arch,qtype", [("qwen2", Q.Q5_0), ("llama", Q.Q4_K), ("qwen2", Q.Q6_K)])
+def test_c_decode_block_matches_the_torch_block(tmp_path, monkeypatch, arch, qtype):
+    """The C block (apr.model.native_step) against the torch Block: both are as close to the float32
+    reference as each other (they differ in where activations are rounded: bf16 between torch ops,
+    float32 in C), and close to each other."""
+    ref, c_block, torch_block = _c_and_torch_block_logits(tmp_path, monkeypatch, arch, qtype, 4)
+    assert _cos(c_block, ref).min() > _cos(torch_block, ref).min() - 2e-3
+    assert _cos(c_block, torch_block).min() > 0.99 and _cos(c_block, ref).min() > 0.99
+
+
+@pytest.mark.parametrize("arch,heads", [("qwen2", 8), ("llama", 4), ("qwen2", 2)])
+def test_c_block_layer_matches_the_torch_block(tmp_path, arch, heads):
+    """One layer, one decode step over a prefilled cache: what the C block's attention adds to the residual
+    stream against what the torch Block's adds. Head sizes 32, 64 and 128 take every path of the C attention's
+    weighted sum (a chunk shorter than 64 lanes, one chunk, two chunks)."""
+    import ctypes
+
+    from tiny_gguf import write_tiny_gguf
+
+    from apr.model.native_step import NativeStep
+    from apr.runtime import load_model
+
+    # a zero ffn_norm silences layer 0's FFN, so what the layer adds is the attention's output alone
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch, Q.Q8_0, n_heads=heads, n_kv_heads=2,
+                           overrides={"blk.0.ffn_norm.weight": np.zeros(256)})
+    model = load_model(path, dtype="bfloat16", backend="cpu", quiet=True).model
+    model.setup_cache(32)
+    prompt = torch.tensor([5, 77, 200, 3, 99, 14, 150, 42, 7])
+    model(prompt, 0)  # prefill: the cache holds 9 positions
+    pos, x = len(prompt), model.token_embd(torch.tensor([10])).float()  # (1, dim)
+    cos, sin = model.rope(slice(pos, pos + 1))
+    saved = model.cache.k.clone(), model.cache.v.clone()
+    added_torch = model.blk[0](x, pos, cos, sin, model.cache, None) - x
+    model.cache.k.copy_(saved[0]), model.cache.v.copy_(saved[1])
+    xc = x.clone().contiguous()
+    cos_c, sin_c = (t.float().contiguous() for t in (cos, sin))
+    rc = native.lib().apr_decode_layer(ctypes.byref(NativeStep(model).layers[0]), xc.data_ptr(), pos,
+                                       cos_c.data_ptr(), sin_c.data_ptr(), torch.get_num_threads())
+    assert rc == 0
+    added_c = xc - x
+    assert float((added_c - added_torch).norm() / added_torch.norm()) < 0.02
 
 
 def test_decode_block_follows_reprepared_weights(tmp_path):
