@@ -93,20 +93,16 @@ static inline float dot_bf16(const float *q, const uint16_t *k, int64_t hd) {
     return hsum8(_mm256_add_ps(a0, a1));
 }
 
-/* o[i0 .. i0 + 8 nv) = sum over s <= pos of p[s] v[s] for nv <= 8 vectors of 8 lanes: the positions run
- * inside, each vector is its own chain, so the FMAs of one position are independent of each other. */
+/* o[i0 .. i0 + 8 nv) = inv * sum over s <= pos of p[s] v[s] for nv <= 8 vectors of 8 lanes: the positions
+ * run inside, each vector is its own chain, so the FMAs of one position are independent of each other.
+ * Inlined, so a call with a constant nv keeps the accumulators in registers. */
 static inline void weighted_sum(const float *p, const uint16_t *vc, int64_t hd, int64_t pos, int64_t i0, int nv,
                                 float inv, float *o) {
     __m256 acc[8];
-    for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
-    if (nv == 8) /* the usual case (head_dim 64 or 128): a constant count the compiler keeps in registers */
-        for (int64_t s = 0; s <= pos; s++)
-            for (int u = 0; u < 8; u++)
-                acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), bf16x8(vc + s * hd + i0 + 8 * u), acc[u]);
-    else
-        for (int64_t s = 0; s <= pos; s++)
-            for (int u = 0; u < nv; u++)
-                acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), bf16x8(vc + s * hd + i0 + 8 * u), acc[u]);
+    for (int u = 0; u < nv; u++) acc[u] = _mm256_setzero_ps();
+    for (int64_t s = 0; s <= pos; s++)
+        for (int u = 0; u < nv; u++)
+            acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), bf16x8(vc + s * hd + i0 + 8 * u), acc[u]);
     for (int u = 0; u < nv; u++) _mm256_storeu_ps(o + i0 + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
 }
 
@@ -124,8 +120,13 @@ static void attention(const dlayer *L, const float *q, int64_t pos, float *out, 
             mx = p[s] > mx ? p[s] : mx;
         }
         for (int64_t s = 0; s <= pos; s++) sum += (p[s] = expf(p[s] - mx));
-        for (int64_t i0 = 0; i0 < hd; i0 += 64)
-            weighted_sum(p, vc, hd, pos, i0, (int)((hd - i0 < 64 ? hd - i0 : 64) / 8), 1.0f / sum, out + h * hd);
+        for (int64_t i0 = 0; i0 < hd; i0 += 64) {
+            const int nv = (int)((hd - i0 < 64 ? hd - i0 : 64) / 8);
+            if (nv == 8) /* the usual case (head_dim 64 or 128) */
+                weighted_sum(p, vc, hd, pos, i0, 8, 1.0f / sum, out + h * hd);
+            else
+                weighted_sum(p, vc, hd, pos, i0, nv, 1.0f / sum, out + h * hd);
+        }
         free(p);
     }
 }
