@@ -118,7 +118,13 @@ def prepare_prompt(lm, prompt: str, chat: bool | None = None, system: str | None
     if not wrap:
         return prompt, tok.encode(prompt)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    rendered = tok.render_chat(messages, add_generation_prompt=True)
+    return prepare_messages(lm, messages)
+
+
+def prepare_messages(lm, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> tuple[str, list[int]]:
+    """A conversation rendered through the model's own template once -> (text, ids); no extra BOS."""
+    tok = lm.tokenizer
+    rendered = tok.render_chat(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
     return rendered, tok.encode(rendered, add_bos=False)
 
 

@@ -227,8 +227,8 @@ class Tokenizer:
     def chat_start_marker(self) -> str | None:
         return self.chat.start_marker
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.chat.render(messages, add_generation_prompt=add_generation_prompt)
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        return self.chat.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
     def is_templated(self, prompt: str) -> bool:
         return self.chat.is_templated(prompt)
