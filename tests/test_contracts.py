@@ -12,9 +12,11 @@ import pytest
 from ruamel.yaml import YAML
 
 from apr.contracts.cli import main
+from apr.contracts.fresh import current_fingerprint
 from apr.contracts.lint import resolves
 from apr.contracts.schema import Clause, parse_path
-from apr.contracts.status import render_markdown, summarize
+from apr.contracts.report import render_markdown
+from apr.contracts.status import summarize
 from apr.contracts.validate import validate_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,19 +121,38 @@ def test_lint_missing_file_is_a_warning_without_strict(tmp_path, capsys):
     assert out.count("PV-W006") == 4 and "no file tests/nope.py" in out
 
 
-def _discharged(text: str, cid: str, tmp_path: Path, sha: str | None = None) -> str:
-    """`text` with criterion `cid` DISCHARGED, its evidence file on disk, and a live_discharge when sha is given."""
-    folder = tmp_path / "evidence" / f"{cid}-2025-01-01"
+DOCS = {"SHIP-001": {"tensor_count": 290, "parameter_count": 490000000}, "SHIP-003": {"decode_tok_s": 20.5}}
+
+
+def _discharged(text: str, cid: str, tmp_path: Path, sha: str | None = None, fingerprint: str | None = None) -> str:
+    """`text` with criterion `cid` DISCHARGED and a coherent evidence record on disk (as pv discharge writes
+    it, for artifact `sha` and code `fingerprint`, default: the contract's and the current code's); a
+    live_discharge when sha is given."""
+    from apr.contracts import discharge as dis
+    from apr.contracts.schema import Contract
+
+    contract = Contract.model_validate(YAML(typ="safe").load(text))
+    crit = next(c for c in contract.criteria if c.id == cid)
+    doc, art = DOCS[cid], sha or contract.metadata.model.artifact_sha256
+    run = dis.Run(["apr"], 0, json.dumps(doc) + "\n", "", 1.0)
+    facts = {"date": "2025-01-01T00:00:00+00:00", "git_commit": "c0ffee", "git_dirty": False,
+             "provenance": {"code_fingerprint": fingerprint or current_fingerprint(), "isa_class": "avx2"}}
+    steps, observed = dis.verification_chain(crit, contract.metadata.model.artifact_sha256, art, run, doc, facts)
+    record = dis._record(Path("contracts/c.yaml"), crit, contract.metadata, "DISCHARGED", Path(__file__), art, run, doc,
+                         steps, observed, facts)
+    record["artifact"]["sha256"] = art
+    folder = tmp_path / "evidence" / "c" / f"{cid}-2025-01-01"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "discharge-evidence-v1.json").write_text("{}")
+    for name, body in dis._files(folder.name, record, run, doc).items():
+        (folder / name).write_text(body)
     yaml = YAML()
     data = yaml.load(text)
-    (crit,) = [c for c in data["criteria"] if c["id"] == cid]
-    crit["discharge_status"] = "DISCHARGED"
-    crit["evidence_discharged_by"] = [f"evidence/{cid}-2025-01-01/discharge-evidence-v1.json"]
+    (node,) = [c for c in data["criteria"] if c["id"] == cid]
+    node["discharge_status"] = "DISCHARGED"
+    node["evidence_discharged_by"] = [f"evidence/c/{cid}-2025-01-01/discharge-evidence-v1.json"]
     if sha:
-        crit["live_discharge"] = {"date": "2025-01-01", "host": "h", "artifact": "a", "artifact_sha256": sha,
-                                  "command": "c", "wall_time_s": 1.0, "verdict": "PASS"}
+        node["live_discharge"] = {"date": "2025-01-01", "host": "h", "artifact": "a", "artifact_sha256": sha,
+                                  "command": "c", "wall_time_s": 1.0, "observed": observed, "verdict": "PASS"}
     buf = io.StringIO()
     yaml.dump(data, buf)
     return buf.getvalue()
@@ -146,9 +167,10 @@ def test_status_percentage(tmp_path, capsys):
     assert (model["ship_blocking"], model["discharged"], model["ship_pct"]) == (3, 1, 33.3)
     assert [c["id"] for c in model["left"]] == ["SHIP-002", "SHIP-010"]
     assert main(["status", str(path.parent), "--report", str(tmp_path / "reports" / "ship.md")]) == 0
-    assert "33.3% (1/3 ship-blocking discharged)" in capsys.readouterr().out
+    assert "33.3% (1/3 ship-blocking discharged on this code and artifact; 0 stale)" in capsys.readouterr().out
     report = (tmp_path / "reports" / "ship.md").read_text()
-    assert "| SHIP-001 |" in report and "(../evidence/SHIP-001-2025-01-01)" in report and "Left to ship:" in report
+    assert "| SHIP-001 |" in report and "(../evidence/c/SHIP-001-2025-01-01)" in report and "Left to ship:" in report
+    assert "(../evidence/c/SHIP-001-2025-01-01/stdout.txt)" in report and "$.tensor_count = 290" in report
     assert main(["status", str(path.parent), "--report", str(tmp_path / "ship.html")]) == 0
     assert "<table>" in (tmp_path / "ship.html").read_text()
 
@@ -157,10 +179,10 @@ def test_status_stale_and_invalid(tmp_path, capsys):
     path = write(tmp_path, _discharged(TEXT, "SHIP-001", tmp_path, "0" * 64))
     write(tmp_path, TEXT.replace('"1.2.0"', "1.2"), "broken.yaml")
     summary = summarize(sorted(path.parent.glob("*.yaml")))
-    assert summary["models"][0]["ship_pct"] == 0.0 and "different artifact" in summary["models"][0]["left"][0]["note"]
-    assert len(summary["invalid"]) == 1 and "PV-E006" in summary["invalid"][0]["first_error"]
+    assert len(summary["invalid"]) == 2  # evidence for another artifact is refused (PV-E020)
+    assert "PV-E006" in summary["invalid"][0]["first_error"] and "PV-E020" in summary["invalid"][1]["first_error"]
     assert main(["status", str(path.parent), "--json"]) == 1
-    assert "different artifact" in render_markdown(summary, tmp_path)
+    assert "PV-E020" in render_markdown(summary, tmp_path)
 
 
 @pytest.mark.parametrize("args", [["validate", "{dir}/broken.yaml"], ["discharge", "{dir}/missing.yaml", "--id", "SHIP-001"],

@@ -90,7 +90,7 @@ def test_discharge_records_evidence(project, capsys):
     path = make_contract(project)
     assert discharge(path, model) == 0
     assert "SHIP-001 UNTESTED -> DISCHARGED" in capsys.readouterr().out
-    folder = root / "evidence" / "SHIP-001-2025-01-02"
+    folder = root / "evidence" / "fake" / "SHIP-001-2025-01-02"
     files = {"discharge-evidence-v1.json", "stdout.txt", "stderr.txt", "completion.txt", "ast-summary.json"}
     assert {p.name for p in folder.iterdir()} == files
     ev = json.loads((folder / "discharge-evidence-v1.json").read_text())
@@ -105,7 +105,7 @@ def test_discharge_records_evidence(project, capsys):
     assert summary["ok"] is True and summary["functions"] == ["fib"]
     crit = criterion(path)
     assert crit["discharge_status"] == "DISCHARGED"
-    assert crit["evidence_discharged_by"] == ["evidence/SHIP-001-2025-01-02/discharge-evidence-v1.json"]
+    assert crit["evidence_discharged_by"] == ["evidence/fake/SHIP-001-2025-01-02/discharge-evidence-v1.json"]
     assert crit["live_discharge"]["verdict"] == "PASS" and crit["live_discharge"]["observed"]["$.size"] == 1028
     meta = YAML(typ="safe").load(path.read_text())["metadata"]
     assert meta["version"] == "1.0.1" and meta["changelog"][-1].startswith("1.0.1 (2025-01-02): SHIP-001 UNTESTED -> DISCHARGED")
@@ -116,10 +116,10 @@ def test_rerun_writes_a_new_folder_and_reproduces(project):
     root, model = project
     path = make_contract(project)
     assert discharge(path, model) == 0
-    first = (root / "evidence" / "SHIP-001-2025-01-02" / "discharge-evidence-v1.json").read_text()
+    first = (root / "evidence" / "fake" / "SHIP-001-2025-01-02" / "discharge-evidence-v1.json").read_text()
     assert discharge(path, model) == 0
-    second = json.loads((root / "evidence" / "SHIP-001-2025-01-02-2" / "discharge-evidence-v1.json").read_text())
-    assert (root / "evidence" / "SHIP-001-2025-01-02" / "discharge-evidence-v1.json").read_text() == first  # untouched
+    second = json.loads((root / "evidence" / "fake" / "SHIP-001-2025-01-02-2" / "discharge-evidence-v1.json").read_text())
+    assert (root / "evidence" / "fake" / "SHIP-001-2025-01-02" / "discharge-evidence-v1.json").read_text() == first  # untouched
     assert second["evidence_id"] == "SHIP-001-2025-01-02-2" and second["previous_status"] == "DISCHARGED"
     assert second["observed"] == json.loads(first)["observed"] and second["verdict"] == "PASS"
     assert len(criterion(path)["evidence_discharged_by"]) == 2
@@ -132,12 +132,12 @@ def test_failing_verdict_is_falsified_with_evidence(project, capsys):
     path = make_contract(project, min_size=10**9)
     assert discharge(path, model) == 1
     assert "-> FALSIFIED" in capsys.readouterr().out
-    ev = json.loads((root / "evidence" / "SHIP-001-2025-01-02" / "discharge-evidence-v1.json").read_text())
+    ev = json.loads((root / "evidence" / "fake" / "SHIP-001-2025-01-02" / "discharge-evidence-v1.json").read_text())
     assert ev["new_status"] == "FALSIFIED" and ev["verdict"] == "FAIL"
     assert [s["verdict"] for s in ev["verification_chain"]][-2:] == ["PASS", "FAIL"]
     crit = criterion(path)
     assert crit["discharge_status"] == "FALSIFIED" and crit["live_discharge"]["verdict"] == "FAIL"
-    assert crit["evidence_discharged_by"] == ["evidence/SHIP-001-2025-01-02/discharge-evidence-v1.json"]
+    assert crit["evidence_discharged_by"] == ["evidence/fake/SHIP-001-2025-01-02/discharge-evidence-v1.json"]
     assert validate_file(path).errors == []
 
 
@@ -146,7 +146,7 @@ def test_nonzero_exit_falsifies_even_with_passing_json(project):
     check = 'python -c "import json; print(json.dumps(dict(passed=True, size=5))); raise SystemExit(3)" {model}'
     path = make_contract(project, check=check)
     assert discharge(path, model) == 1
-    ev = json.loads((root / "evidence" / "SHIP-001-2025-01-02" / "discharge-evidence-v1.json").read_text())
+    ev = json.loads((root / "evidence" / "fake" / "SHIP-001-2025-01-02" / "discharge-evidence-v1.json").read_text())
     assert ev["verification_chain"][1] == {"step": "command_exit", "verdict": "FAIL", "detail": "exit code 3"}
 
 
@@ -184,8 +184,8 @@ def test_comments_and_key_order_survive(project):
     assert new[: len(old)] == old and new[len(old):] == ["evidence_discharged_by", "live_discharge"]
     neighbour = before[before.index("\n\n  # an untouched neighbour"):]
     assert after.endswith(neighbour)  # the other criterion is byte-identical
-    assert criterion(path)["evidence_discharged_by"] == ["proof/SHIP-001-2025-01-02/discharge-evidence-v1.json",
-                                                         "proof/SHIP-001-2025-01-02-2/discharge-evidence-v1.json"]
+    assert criterion(path)["evidence_discharged_by"] == ["proof/fake/SHIP-001-2025-01-02/discharge-evidence-v1.json",
+                                                         "proof/fake/SHIP-001-2025-01-02-2/discharge-evidence-v1.json"]
     assert [d.code for d in validate_file(path).diagnostics] == ["PV-W004"]
 
 

@@ -14,9 +14,13 @@ def setup_parser(p):
     p.add_argument("model", metavar="MODEL", help="registry name or path to a .gguf/.apr file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-verify", action="store_true", help=".apr: skip the checksums (to look inside a damaged file)")
+    p.add_argument("--verify-sha", action="store_true", help="hash the file's bytes now (no registry marker, no "
+                   "cache); sha256_source says which was reported")
+    p.add_argument("--forward", action="store_true", help="also build the model and run a prefill and one decode "
+                   "step over a short code text (reports finiteness and the next-token loss)")
 
 
-def describe(path: Path, verify: bool = True) -> dict[str, Any]:
+def describe(path: Path, verify: bool = True, verify_sha: bool = False) -> dict[str, Any]:
     """Everything inspect shows, as plain JSON-able values."""
     from apr import hub
     from apr.errors import AprError
@@ -42,12 +46,24 @@ def describe(path: Path, verify: bool = True) -> dict[str, Any]:
         info["config"] = config_from_gguf(GGUFFile(path, meta, tensors)).to_dict()
     except AprError as e:  # inspect still shows a file apr cannot run
         info["config"], info["config_error"] = None, str(e)
-    info["sha256"] = hub.known_sha256(path) or hub.sha256_file(path)
+    info["sha256"], info["sha256_source"] = _sha256(path, verify_sha)
     info["parameter_count"] = sum(math.prod(t.shape) for t in tensors.values())
     info["tensor_count"] = len(tensors)
     info["metadata"] = {k: _short(v) for k, v in meta.items()}
     info["tensors"] = [_row(t) for t in tensors.values()]
     return info
+
+
+def _sha256(path: Path, from_bytes: bool) -> tuple[str, str]:
+    """The sha256 and where it came from: "bytes" (hashed now), "registry" (a pulled file's marker
+    matched its size and mtime) or "cache" (apr's per-(path, size, mtime) cache)."""
+    from apr import hub
+    from apr.provenance import hash_file
+
+    if from_bytes:
+        return hash_file(path), "bytes"
+    known = hub.known_sha256(path)
+    return (known, "registry") if known else (hub.sha256_file(path), "cache")
 
 
 def _row(t) -> dict[str, Any]:
@@ -82,7 +98,11 @@ def print_text(info: dict[str, Any]) -> None:
         fmt += " (checksums verified)" if info["checksums_verified"] else " (checksums NOT verified)"
     cfg = info["config"]
     print(f"file        {info['path']}\nformat      {fmt}")
-    print(f"size        {info['size']:,} bytes\nsha256      {info['sha256']}")
+    print(f"size        {info['size']:,} bytes\nsha256      {info['sha256']} ({info['sha256_source']})")
+    if "forward" in info:
+        f = info["forward"]
+        print(f"forward     {f['dtype']}/{f['backend']} ({f['step_impl']}): {f['tokens']} tokens, finite "
+              f"{f['finite']}, next-token loss {f['nll']:.3f}")
     print(f"parameters  {info['parameter_count']:,} in {info['tensor_count']} tensors")
     if cfg:
         print(f"model       {cfg['architecture']}: {cfg['n_layers']} layers, dim {cfg['dim']}, "
@@ -111,7 +131,11 @@ def main(args):
     from apr.hub import resolve_model
 
     path = resolve_model(args.model, quiet=args.json)
-    info = describe(path, verify=not args.no_verify)
+    info = describe(path, verify=not args.no_verify, verify_sha=args.verify_sha)
+    if args.forward:
+        from apr.commands.inspect_forward import forward_check
+
+        info["forward"] = forward_check(path)
     if args.json:
         print(json.dumps(info, ensure_ascii=False))
     else:

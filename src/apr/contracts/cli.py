@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "update the contract (status, evidence, live_discharge, patch version, changelog). "
                        "Exit 0 DISCHARGED, 1 FALSIFIED, 2 refused or failed (contract untouched).")
     d.add_argument("contract", type=Path, metavar="CONTRACT", help="contract YAML file")
-    d.add_argument("--id", required=True, dest="cid", metavar="ID", help="criterion id, e.g. SHIP-002")
+    which = d.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="cid", metavar="ID", help="criterion id, e.g. SHIP-002")
+    which.add_argument("--stale", action="store_true", help="every criterion not DISCHARGED on the current code "
+                       "and artifact (STALE, FALSIFIED, UNTESTED), one after the other")
+    d.add_argument("--allow-weak-isolation", action="store_true", help="accept a code evaluation whose sandbox "
+                   "is weaker than namespaces (recorded in the evidence)")
     d.add_argument("--model", metavar="PATH_OR_NAME", help="artifact: a registry name or a file "
                    "(default: metadata.model.name)")
     d.add_argument("--evidence-dir", type=Path, metavar="DIR",
@@ -63,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, metavar="S", help="check timeout in seconds "
                    "(default: check.timeout_s, else 3600)")
     d.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+    vf = sub.add_parser("verify", help="re-run a criterion's recorded check and see if the verdict reproduces",
+                        description="Re-run the newest evidence's recorded command on its recorded artifact (its "
+                        "bytes must still hash to the recorded sha256), evaluate the recorded verdict, and append "
+                        "verify-<DATE>[-N].json to the evidence folder. Exit 0 reproduced, 1 not, 2 failed.")
+    vf.add_argument("contract", type=Path, metavar="CONTRACT", help="contract YAML file")
+    vf.add_argument("--id", required=True, dest="cid", metavar="ID", help="criterion id, e.g. SHIP-002")
+    vf.add_argument("--timeout", type=float, metavar="S", help="check timeout in seconds")
+    vf.add_argument("--json", action="store_true", help="print the record as JSON")
 
     s = sub.add_parser("status", help="ship %% per model, and what is left",
                        description="For each model: ship % = discharged ship-blocking criteria / ship-blocking "
@@ -96,9 +110,11 @@ def _print_results(results, as_json: bool) -> int:
 
 
 def cmd_validate(args) -> int:
-    from apr.contracts.validate import validate_file
+    from apr.contracts.validate import shared_folders, validate_file
 
-    return _print_results([validate_file(p) for p in _expand(args.files)], args.json)
+    results = [validate_file(p) for p in _expand(args.files)]
+    shared_folders(results)
+    return _print_results(results, args.json)
 
 
 def cmd_lint(args) -> int:
@@ -107,19 +123,44 @@ def cmd_lint(args) -> int:
     return _print_results(lint(contract_files(args.dir), args.strict_test_binding, args.rootdir), args.json)
 
 
-def cmd_discharge(args) -> int:
-    from apr.contracts.discharge import discharge
-
-    out = discharge(args.contract, args.cid, args.model, args.evidence_dir, args.timeout)
+def _print_outcome(out, args) -> None:
     if args.json:
         print(json.dumps(out.to_dict(), indent=2, default=str))
+        return
+    clauses = "; ".join(s["detail"] + ("" if s["verdict"] != "FAIL" else " FAILED") for s in out.steps if s["step"].startswith("verdict"))
+    failed = [s["detail"] for s in out.steps if s["verdict"] == "FAIL" and not s["step"].startswith("verdict")]
+    print(f"{out.criterion} {out.previous_status} -> {out.status}: {'; '.join(failed + [clauses])}")
+    print(f"evidence: {out.evidence_dir}")
+    print(f"contract: {args.contract} now v{out.contract_version}")
+
+
+def cmd_discharge(args) -> int:
+    from apr.contracts.discharge import discharge, unfresh_ids
+
+    ids = unfresh_ids(args.contract) if args.stale else [args.cid]
+    if not ids:
+        print(f"{args.contract}: every criterion is DISCHARGED on the current code and artifact; nothing to do")
+        return 0
+    worst = 0
+    for cid in ids:
+        out = discharge(args.contract, cid, args.model, args.evidence_dir, args.timeout, args.allow_weak_isolation)
+        _print_outcome(out, args)
+        worst = max(worst, 0 if out.holds else 1)
+    return worst
+
+
+def cmd_verify(args) -> int:
+    from apr.contracts.verify import verify
+
+    rec = verify(args.contract, args.cid, args.timeout)
+    if args.json:
+        print(json.dumps(rec, indent=2, default=str))
     else:
-        clauses = "; ".join(s["detail"] + ("" if s["verdict"] == "PASS" else " FAILED") for s in out.steps if s["step"].startswith("verdict"))
-        failed = [s["detail"] for s in out.steps if s["verdict"] == "FAIL" and not s["step"].startswith("verdict")]
-        print(f"{out.criterion} {out.previous_status} -> {out.status}: {'; '.join(failed + [clauses])}")
-        print(f"evidence: {out.evidence_dir}")
-        print(f"contract: {args.contract} now v{out.contract_version}")
-    return 0 if out.holds else 1
+        word = "reproduces" if rec["reproduced"] else "does NOT reproduce"
+        print(f"{rec['criterion']}: recorded {rec['recorded_verdict']}, now {rec['verdict']}: {word} "
+              f"(observed {json.dumps(rec['observed'])}, recorded {json.dumps(rec['recorded_observed'])})")
+        print(f"record: {rec['file']}")
+    return 0 if rec["reproduced"] else 1
 
 
 def cmd_status(args) -> int:
@@ -137,7 +178,8 @@ def cmd_status(args) -> int:
     return 1 if summary["invalid"] else 0
 
 
-COMMANDS = {"validate": cmd_validate, "lint": cmd_lint, "discharge": cmd_discharge, "status": cmd_status}
+COMMANDS = {"validate": cmd_validate, "lint": cmd_lint, "discharge": cmd_discharge, "verify": cmd_verify,
+            "status": cmd_status}
 
 
 def main(argv: list[str] | None = None) -> int:

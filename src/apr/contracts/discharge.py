@@ -25,6 +25,7 @@ from apr.contracts import evidence as ev
 from apr.contracts.loader import ContractError, dump, load_for_update, put_trailer, take_trailer, write_atomic
 from apr.contracts.schema import Criterion, bump_patch
 from apr.contracts.validate import base_dir, validate_file
+from apr.provenance import hash_file
 
 DEFAULT_TIMEOUT_S = 3600.0
 _MODULES = {"apr": "apr.cli", "pv": "apr.contracts.cli"}
@@ -108,19 +109,72 @@ def _step(name: str, ok: bool, detail: str, **extra: Any) -> dict:
     return {"step": name, "verdict": "PASS" if ok else "FAIL", "detail": detail, **extra}
 
 
-def verification_chain(crit: Criterion, expected: str, actual: str, run: Run, doc: dict) -> tuple[list[dict], dict]:
+def json_problems(stdout: str, doc: dict) -> list[str]:
+    """Why the command's JSON answer cannot be trusted as its result (empty when it can): NaN or
+    Infinity anywhere (not JSON, and a broken measurement), or more output after the object."""
+    problems = []
+    try:
+        json.dumps(doc, allow_nan=False)
+    except ValueError:
+        problems.append("the JSON holds NaN or Infinity")
+    tail = stdout[stdout.rfind("}") + 1 :].strip()
+    if tail:
+        problems.append(f"stdout goes on after the JSON object: {tail[:60]!r}")
+    return problems
+
+
+def verification_chain(crit: Criterion, expected: str, actual: str, run: Run, doc: dict,
+                       facts: dict | None = None) -> tuple[list[dict], dict]:
+    facts = facts or {}
+    problems = json_problems(run.stdout, doc)
     steps = [
-        _step("sha256", actual == expected, f"artifact sha256 {actual} vs contract {expected}"),
+        _step("sha256", actual == expected, f"artifact sha256 {actual} (hashed from its bytes) vs contract {expected}"),
         _step("command_exit", run.exit_code == 0, f"exit code {run.exit_code}"),
-        _step("json_parse", True, f"last JSON object in stdout has keys {sorted(doc)[:20]}"),
+        _step("json_parse", not problems, "; ".join(problems) or f"last JSON object in stdout has keys {sorted(doc)[:20]}"),
     ]
+    isa = (facts.get("provenance") or {}).get("isa_class")
+    steps += _isa_step(crit, isa)
+    steps += _isolation_step(doc, facts.get("allow_weak_isolation", False))
     observed = {}
     for i, clause in enumerate(crit.check.verdict):
+        if clause.isa_class and clause.isa_class != isa:
+            steps.append({"step": f"verdict[{i}]", "verdict": "N/A", "detail": f"{clause.describe()}: not for a run "
+                          f"on {isa}", "path": clause.path, "op": clause.op, "value": clause.value})
+            continue
         holds, value = clause.evaluate(doc)
         observed[clause.path] = value
         steps.append(_step(f"verdict[{i}]", holds, f"{clause.describe()} (observed {json.dumps(value)})",
                            path=clause.path, op=clause.op, value=clause.value, observed=value))
     return steps, observed
+
+
+def _isa_step(crit: Criterion, isa: str | None) -> list[dict]:
+    """A criterion whose clauses name machine classes holds only on one of them: a speed floor measured
+    on one class proves nothing about another."""
+    classes = sorted({c.isa_class for c in crit.check.verdict if c.isa_class})
+    if not classes:
+        return []
+    return [_step("isa_class", isa in classes, f"ran on {isa}; the criterion has floors for {', '.join(classes)}")]
+
+
+STRONG_ISOLATION = ("namespaces", "user-namespaces")
+
+
+def _isolation_step(doc: dict, allow_weak: bool) -> list[dict]:
+    """Code evaluations report their sandbox; weaker than namespaces needs --allow-weak-isolation."""
+    sandbox = doc.get("sandbox")
+    level = sandbox.get("isolation") if isinstance(sandbox, dict) else None
+    if level is None:
+        return []
+    ok = level in STRONG_ISOLATION or allow_weak
+    note = " (allowed by --allow-weak-isolation)" if allow_weak and level not in STRONG_ISOLATION else ""
+    return [_step("sandbox_isolation", ok, f"sandbox isolation {level}{note}; needs one of {', '.join(STRONG_ISOLATION)}",
+                  isolation=level, allow_weak_isolation=allow_weak)]
+
+
+def holds(steps: list[dict]) -> bool:
+    return all(s["verdict"] in ("PASS", "N/A") for s in steps) and any(
+        s["verdict"] == "PASS" for s in steps if s["step"].startswith("verdict"))
 
 
 def _resolve(spec: str) -> tuple[Path, str]:
@@ -129,41 +183,63 @@ def _resolve(spec: str) -> tuple[Path, str]:
 
     try:
         path = hub.resolve_model(spec)
-        return path, hub.sha256_file(path)
+        return path, hash_file(path)  # the bytes, now: never a marker or a cache
     except AprError as e:
         raise ContractError(str(e)) from None
 
 
 def discharge(contract: Path, cid: str, model: str | None = None, evidence_root: Path | None = None,
-              timeout_s: float | None = None) -> Outcome:
+              timeout_s: float | None = None, allow_weak_isolation: bool = False) -> Outcome:
     contract = Path(contract)
-    result = validate_file(contract)
-    if result.errors:
-        first = result.errors[0]
-        raise ContractError(f"{contract} has {len(result.errors)} error(s), first {first.code} at line {first.line}: "
-                            f"{first.message} (run pv validate)")
+    result = checked(contract)
     meta, crit = result.contract.metadata, _find(result.contract.criteria, cid, contract)
     artifact, actual = _resolve(model or meta.model.name)
     if actual != meta.model.artifact_sha256:
         raise ContractError(f"refusing to discharge {cid}: {artifact} has sha256 {actual}, "
                             f"the contract names {meta.model.artifact_sha256}")
+    run, doc, facts, steps, observed = run_and_judge(contract, crit, meta, artifact, actual, timeout_s,
+                                                     allow_weak_isolation)
+    ok = holds(steps)
+    status = "DISCHARGED" if ok else "FALSIFIED"
+    root = ev.contract_root(Path(evidence_root) if evidence_root else base_dir(contract) / "evidence", contract)
+    record = _record(contract, crit, meta, status, artifact, actual, run, doc, steps, observed, facts)
+    folder = ev.write_folder(root.resolve(), cid, ev.today(), lambda eid: _files(eid, record, run, doc))
+    rel = os.path.relpath(folder / ev.EVIDENCE_FILE, base_dir(contract)).replace(os.sep, "/")
+    live = _live(facts, artifact, actual, crit.check.command, run, doc, observed, ok)
+    version = update_contract(contract, cid, status, rel, live, ev.today())
+    return Outcome(cid, crit.discharge_status, status, ok, str(folder), version, steps, observed)
+
+
+def unfresh_ids(contract: Path) -> list[str]:
+    """Every criterion of the contract that is not DISCHARGED on the current code and artifact."""
+    from apr.contracts.fresh import freshness
+
+    result = checked(Path(contract))
+    sha = result.contract.metadata.model.artifact_sha256
+    return [c.id for c in result.contract.criteria if freshness(Path(contract), c, sha).status != "DISCHARGED"]
+
+
+def checked(contract: Path):
+    result = validate_file(contract)
+    if result.errors:
+        first = result.errors[0]
+        raise ContractError(f"{contract} has {len(result.errors)} error(s), first {first.code} at line {first.line}: "
+                            f"{first.message} (run pv validate)")
+    return result
+
+
+def run_and_judge(contract: Path, crit: Criterion, meta, artifact: Path, actual: str, timeout_s: float | None,
+                  allow_weak_isolation: bool = False):
+    """Run the check and evaluate its verification chain: (run, doc, facts, steps, observed)."""
     run = run_check(crit.check.command, artifact.resolve(), base_dir(contract),
                     timeout_s or crit.check.timeout_s or DEFAULT_TIMEOUT_S)
     doc = last_json_object(run.stdout)
     if doc is None:
         tail = (run.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        raise ContractError(f"{cid}: check printed no JSON object (exit {run.exit_code}): {tail}")
-    steps, observed = verification_chain(crit, meta.model.artifact_sha256, actual, run, doc)
-    holds = all(s["verdict"] == "PASS" for s in steps)
-    status = "DISCHARGED" if holds else "FALSIFIED"
-    root = Path(evidence_root) if evidence_root else base_dir(contract) / "evidence"
-    facts = {**ev.run_facts(), "date": ev.now().isoformat()}
-    record = _record(contract, crit, meta.version, status, artifact, actual, run, doc, steps, observed, facts)
-    folder = ev.write_folder(root.resolve(), cid, ev.today(), lambda eid: _files(eid, record, run, doc))
-    rel = os.path.relpath(folder / ev.EVIDENCE_FILE, base_dir(contract)).replace(os.sep, "/")
-    live = _live(facts, artifact, actual, crit.check.command, run, doc, observed, holds)
-    version = update_contract(contract, cid, status, rel, live, ev.today())
-    return Outcome(cid, crit.discharge_status, status, holds, str(folder), version, steps, observed)
+        raise ContractError(f"{crit.id}: check printed no JSON object (exit {run.exit_code}): {tail}")
+    facts = {**ev.run_facts(doc), "date": ev.now().isoformat(), "allow_weak_isolation": allow_weak_isolation}
+    steps, observed = verification_chain(crit, meta.model.artifact_sha256, actual, run, doc, facts)
+    return run, doc, facts, steps, observed
 
 
 def _find(criteria: list[Criterion], cid: str, contract: Path) -> Criterion:
@@ -173,10 +249,11 @@ def _find(criteria: list[Criterion], cid: str, contract: Path) -> Criterion:
     raise ContractError(f"no criterion {cid} in {contract} (known: {', '.join(c.id for c in criteria)})")
 
 
-def _record(contract, crit, version, status, artifact, actual, run, doc, steps, observed, facts) -> dict:
+def _record(contract, crit, meta, status, artifact, actual, run, doc, steps, observed, facts) -> dict:
     return {
         "schema": "discharge-evidence-v1",
-        "contract": str(contract), "contract_version": version,
+        "contract": str(contract), "contract_name": Path(contract).stem, "contract_version": meta.version,
+        "model": meta.model.name,
         "criterion": crit.model_dump(exclude={"live_discharge", "evidence_discharged_by"}),
         "previous_status": crit.discharge_status, "new_status": status,
         **facts,
@@ -203,7 +280,8 @@ def _live(facts: dict, artifact: Path, actual: str, command: str, run: Run, doc:
         "date": facts["date"], "host": facts["host"], "cpu": facts["cpu"], "gpu": facts["gpu"],
         "artifact": str(artifact.resolve()), "artifact_sha256": actual, "command": command,
         "wall_time_s": run.wall_time_s, "backend_chain": ev.backend_chain(doc),
-        "apr_version": facts["apr_version"], "git_commit": facts["git_commit"],
+        "apr_version": facts["apr_version"], "git_commit": facts["git_commit"], "git_dirty": facts["git_dirty"],
+        "code_fingerprint": facts["provenance"]["code_fingerprint"], "isa_class": facts["provenance"]["isa_class"],
         "observed": observed, "verdict": "PASS" if holds else "FAIL",
     }
 

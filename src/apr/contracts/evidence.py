@@ -1,6 +1,7 @@
 """Evidence folders for `pv discharge`: facts about the run, extracted artifacts, atomic placement.
 
-A folder `evidence/<id>-<YYYY-MM-DD>[-N]/` is built in a hidden temp folder next to its final place and
+A folder `evidence/<contract>/<id>-<YYYY-MM-DD>[-N]/` (one subfolder per contract file, named by its
+stem, so two contracts never share a folder) is built in a hidden temp folder next to its final place and
 renamed into place in one step, so a reader never sees half an evidence folder and an existing folder is
 never overwritten (the next free N is taken instead).
 """
@@ -65,7 +66,12 @@ def git_commit() -> str | None:
     return _run(["git", "rev-parse", "HEAD"], cwd=Path(apr.__file__).resolve().parent)
 
 
-def run_facts() -> dict:
+def run_facts(doc: dict | None = None) -> dict:
+    """Host facts plus apr.provenance (code fingerprint, git state, versions, ISA class, APR_* variables,
+    and the dtype/backend/kernel the command's JSON output `doc` reports)."""
+    from apr.provenance import provenance
+
+    prov = provenance(doc)
     return {
         "host": platform.node(),
         "os": platform.platform(),
@@ -73,8 +79,26 @@ def run_facts() -> dict:
         "cpu": cpu_name(),
         "gpu": gpu_name(),
         "apr_version": apr.__version__,
-        "git_commit": git_commit(),
+        "git_commit": prov["git_commit"],
+        "git_dirty": prov["git_dirty"],
+        "provenance": prov,
     }
+
+
+def contract_root(evidence_root: Path, contract: Path) -> Path:
+    """evidence/<contract stem>/: every contract writes into its own folder."""
+    return Path(evidence_root) / Path(contract).stem
+
+
+def read_evidence(path: Path) -> dict:
+    """An evidence JSON file (or the folder holding one); OSError/ValueError when it is not one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EVIDENCE_FILE
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(doc, dict):
+        raise ValueError("evidence is not a JSON object")
+    return doc
 
 
 def backend_chain(doc: dict) -> list[str]:

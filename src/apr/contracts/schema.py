@@ -105,10 +105,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+ISA_CLASSES = ("baseline", "avx2", "avx512", "amx")
+
+
 class Clause(Strict):
     path: str
     op: str
     value: Any
+    # a clause that holds only for runs on this machine class (apr.provenance.isa_class); clauses for
+    # other classes are not applicable, and a run on a class no clause names fails (see discharge.py)
+    isa_class: Literal["baseline", "avx2", "avx512", "amx"] | None = None
 
     @field_validator("path")
     @classmethod
@@ -145,7 +151,8 @@ class Clause(Strict):
         return apply_op(observed, self.op, self.value), observed
 
     def describe(self) -> str:
-        return f"{self.path} {self.op} {json.dumps(self.value)}"
+        where = f" [on {self.isa_class}]" if self.isa_class else ""
+        return f"{self.path} {self.op} {json.dumps(self.value)}{where}"
 
 
 class Check(Strict):
@@ -183,6 +190,9 @@ class LiveDischarge(Strict):
     backend_chain: list[str] = []
     apr_version: str | None = None
     git_commit: str | None = None
+    git_dirty: bool | None = None
+    code_fingerprint: str | None = None
+    isa_class: str | None = None
     observed: Any = None
     verdict: Literal["PASS", "FAIL"]
 
@@ -202,6 +212,7 @@ class Criterion(Strict):
     rule: str = Field(min_length=1)
     prediction: str
     test: list[str] | None = None
+    falsified_by: list[str] | None = None  # tests that plant the fault and see this check come out FALSIFIED
     check: Check
     if_fails: str | None = None
     ship_blocking: bool = True
@@ -223,7 +234,7 @@ class Criterion(Strict):
             raise _err("empty_prediction", "prediction is empty: say what observation would falsify the rule")
         return v
 
-    @field_validator("test", mode="before")
+    @field_validator("test", "falsified_by", mode="before")
     @classmethod
     def _test(cls, v: Any) -> Any:
         if v is None:

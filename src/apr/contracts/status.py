@@ -1,8 +1,9 @@
 """`pv status`: the ship % of each model, computed from its contracts, never typed by hand.
 
-ship % = discharged ship-blocking criteria / ship-blocking criteria. A DISCHARGED criterion whose live
-discharge ran on another artifact than the contract names does not count (the evidence is stale). A
-contract that does not validate is listed as invalid and counts for nothing.
+ship % = fresh discharged ship-blocking criteria / ship-blocking criteria. A DISCHARGED criterion counts
+only when its newest evidence ran on the code and the artifact we have now (apr.contracts.fresh); otherwise
+it is STALE, counted beside the %. A contract that does not validate is listed as invalid and counts for
+nothing. The report (render_markdown/render_html) lives in report.py.
 """
 
 from __future__ import annotations
@@ -12,26 +13,29 @@ import html
 import os
 from pathlib import Path
 
+from apr.contracts.fresh import freshness
 from apr.contracts.loader import ContractError
 from apr.contracts.schema import Contract, Criterion
 from apr.contracts.validate import resolve_evidence, validate_file
 
 
-def _counted(crit: Criterion, sha: str) -> tuple[bool, str]:
-    if crit.discharge_status != "DISCHARGED":
-        return False, ""
-    if crit.live_discharge and crit.live_discharge.artifact_sha256 != sha:
-        return False, "discharged on a different artifact; discharge it again"
-    return True, ""
-
-
 def _criterion_row(path: Path, crit: Criterion, sha: str) -> dict:
-    counted, note = _counted(crit, sha)
+    f = freshness(path, crit, sha)
     evidence = [resolve_evidence(path, e) for e in crit.evidence_discharged_by]
+    doc = f.evidence or {}
+    prov = doc.get("provenance") or {}
+    folder = evidence[-1].parent if evidence and evidence[-1].suffix else (evidence[-1] if evidence else None)
     return {
         "id": crit.id, "contract": str(path), "rule": crit.rule, "ship_blocking": crit.ship_blocking,
-        "status": crit.discharge_status, "counted": counted, "note": note, "if_fails": crit.if_fails or "",
+        "status": f.status, "fresh": f.fresh, "contract_status": crit.discharge_status,
+        "counted": f.status == "DISCHARGED", "note": f.reason, "if_fails": crit.if_fails or "",
         "evidence": [str(e.parent if e.suffix else e) for e in evidence],  # link the folder, not the JSON
+        "evidence_date": doc.get("date"), "code_fingerprint": prov.get("code_fingerprint"),
+        "git_commit": doc.get("git_commit"), "git_dirty": doc.get("git_dirty"),
+        "isa_class": prov.get("isa_class"),
+        "thresholds": [c.describe() for c in crit.check.verdict], "observed": doc.get("observed") or {},
+        "raw_output": [str(folder / n) for n in ("stdout.txt", "stderr.txt") if folder and (folder / n).exists()],
+        "falsified_by": crit.falsified_by or [],
     }
 
 
@@ -47,7 +51,8 @@ def _finish(entry: dict) -> dict:
     blocking = [c for c in entry["criteria"] if c["ship_blocking"]]
     done = [c for c in blocking if c["counted"]]
     entry["ship_blocking"], entry["discharged"] = len(blocking), len(done)
-    entry["ship_pct"] = round(100.0 * len(done) / len(blocking), 1) if blocking else None
+    entry["stale"] = sum(c["status"] == "STALE" for c in entry["criteria"])
+    entry["ship_pct"] = round(100.0 * len(done) / len(blocking), 1) if blocking else None  # fresh evidence only
     entry["left"] = [{k: c[k] for k in ("id", "status", "if_fails", "note", "rule", "contract")}
                      for c in blocking if not c["counted"]]
     return entry
@@ -68,7 +73,8 @@ def summarize(paths: list[Path]) -> dict:
 def pct_text(entry: dict) -> str:
     if entry["ship_pct"] is None:
         return "n/a (no ship-blocking criteria)"
-    return f"{entry['ship_pct']:g}% ({entry['discharged']}/{entry['ship_blocking']} ship-blocking discharged)"
+    return (f"{entry['ship_pct']:g}% ({entry['discharged']}/{entry['ship_blocking']} ship-blocking discharged on "
+            f"this code and artifact; {entry['stale']} stale)")
 
 
 def render_text(summary: dict) -> str:
@@ -83,62 +89,12 @@ def render_text(summary: dict) -> str:
     return "\n".join(lines) if lines else "no contracts"
 
 
-def _link(target: str, report_dir: Path) -> str:
-    return os.path.relpath(target, report_dir).replace(os.sep, "/")
-
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(summary: dict, report_dir: Path) -> str:
-    out = ["# Ship status", "", f"Computed by `pv status` on {dt.date.today().isoformat()} from the contracts; "
-           "ship % = discharged ship-blocking criteria / ship-blocking criteria.", ""]
-    for m in summary["models"]:
-        out += [f"## {m['model']}: {pct_text(m)}", ""]
-        out += [f"- contract [{Path(c['file']).name}]({_link(c['file'], report_dir)}) v{c['version']} ({c['status']}), "
-                f"artifact sha256 `{c['artifact_sha256']}`" for c in m["contracts"]]
-        out += ["", "| ID | Rule | Ship-blocking | Status | Evidence | If it fails |", "|---|---|---|---|---|---|"]
-        for c in m["criteria"]:
-            links = ", ".join(f"[{Path(e).name}]({_link(e, report_dir)})" for e in c["evidence"]) or "-"
-            status = c["status"] + (f" ({c['note']})" if c["note"] else "")
-            out.append(f"| {c['id']} | {_md_cell(c['rule'])} | {'yes' if c['ship_blocking'] else 'no'} | {status} "
-                       f"| {links} | {_md_cell(c['if_fails'])} |")
-        left = [f"- **{c['id']}** {c['status']}: {_md_cell(c['note'] or c['if_fails'] or 'no if_fails given')}" for c in m["left"]]
-        out += ["", "Left to ship:" if left else "Nothing left: every ship-blocking criterion is discharged.", *left, ""]
-    if summary["invalid"]:
-        out += ["## Invalid contracts (not counted)", ""] + [f"- `{_md_cell(b['first_error'])}`" for b in summary["invalid"]]
-    return "\n".join(out) + "\n"
-
-
-def render_html(summary: dict, report_dir: Path) -> str:
-    e = html.escape
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>Ship status</title>",
-           "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}.DISCHARGED{color:#060}"
-           ".FALSIFIED{color:#a00}</style></head><body><h1>Ship status</h1>",
-           f"<p>Computed by <code>pv status</code> on {dt.date.today().isoformat()}; ship % = discharged "
-           "ship-blocking criteria / ship-blocking criteria.</p>"]
-    for m in summary["models"]:
-        out.append(f"<h2>{e(m['model'])}: {e(pct_text(m))}</h2><ul>")
-        out += [f"<li>contract <a href='{e(_link(c['file'], report_dir))}'>{e(Path(c['file']).name)}</a> v{e(c['version'])}, "
-                f"artifact sha256 <code>{e(c['artifact_sha256'])}</code></li>" for c in m["contracts"]]
-        out.append("</ul><table><tr><th>ID</th><th>Rule</th><th>Ship-blocking</th><th>Status</th><th>Evidence</th><th>If it fails</th></tr>")
-        for c in m["criteria"]:
-            links = ", ".join(f"<a href='{e(_link(x, report_dir))}'>{e(Path(x).name)}</a>" for x in c["evidence"]) or "-"
-            note = f" ({e(c['note'])})" if c["note"] else ""
-            out.append(f"<tr><td>{e(c['id'])}</td><td>{e(c['rule'])}</td><td>{'yes' if c['ship_blocking'] else 'no'}</td>"
-                       f"<td class='{c['status']}'>{c['status']}{note}</td><td>{links}</td><td>{e(c['if_fails'])}</td></tr>")
-        out.append("</table>")
-    for b in summary["invalid"]:
-        out.append(f"<p class='FALSIFIED'>invalid contract, not counted: <code>{e(b['first_error'])}</code></p>")
-    return "\n".join(out + ["</body></html>"]) + "\n"
-
-
 def write_report(summary: dict, report: Path) -> None:
     report = Path(report)
     if report.suffix.lower() not in (".md", ".html", ".htm"):
         raise ContractError(f"--report must end in .md or .html, not {report.name}")
     report.parent.mkdir(parents=True, exist_ok=True)
+    from apr.contracts.report import render_html, render_markdown
+
     render = render_markdown if report.suffix.lower() == ".md" else render_html
     report.write_text(render(summary, report.parent.resolve()), encoding="utf-8")

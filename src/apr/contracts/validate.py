@@ -35,6 +35,13 @@ CODES: dict[str, str] = {
     "PV-E014": "artifact_sha256 is not 64 lowercase hex digits",
     "PV-E015": "test binding is not a pytest node id",
     "PV-E016": "test binding does not resolve to a collected test (pv lint --strict-test-binding)",
+    "PV-E017": "evidence file is not a readable discharge record",
+    "PV-E018": "evidence belongs to another contract",
+    "PV-E019": "evidence belongs to another criterion",
+    "PV-E020": "evidence is for another artifact than metadata.model.artifact_sha256",
+    "PV-E021": "evidence's verdict or observed values disagree with its raw output or with the YAML",
+    "PV-E022": "the same evidence folder is cited twice (by two criteria or two contracts)",
+    "PV-E023": "criterion names no falsified_by test (pv lint --strict-test-binding)",
     "PV-W001": "BLOCKED criterion without a reason in if_fails",
     "PV-W002": "criterion has no test binding",
     "PV-W003": "DISCHARGED/FALSIFIED criterion without a live_discharge record",
@@ -156,6 +163,7 @@ def _cross_checks(loaded: Loaded) -> list[Diagnostic]:
     model = meta.get("model") if isinstance(meta, CommentedMap) else None
     expected_sha = model.get("artifact_sha256") if isinstance(model, CommentedMap) else None
     seen: dict[str, int] = {}
+    folders: dict[Path, str] = {}
     for line, crit in criteria_nodes(loaded.data):
         cid = str(crit.get("id", "?"))
         id_line = _key_line(crit, "id", line)
@@ -163,7 +171,27 @@ def _cross_checks(loaded: Loaded) -> list[Diagnostic]:
             out.append(diag(loaded.path, id_line, "PV-E007", f"duplicate criterion id {cid} (first at line {seen[cid]})"))
         seen.setdefault(cid, id_line)
         out += _criterion_checks(loaded, cid, line, crit, expected_sha)
+        out += _evidence_checks(loaded, cid, crit, expected_sha, folders)
     return out
+
+
+def _evidence_checks(loaded: Loaded, cid: str, crit: CommentedMap, expected_sha: Any, folders: dict) -> list[Diagnostic]:
+    """What the cited evidence says (evidence_checks.py): whose it is, and whether it agrees."""
+    from apr.contracts import evidence_checks as ec
+
+    out, cited = [], ec.evidence_folders(crit.get("evidence_discharged_by"), lambda e: resolve_evidence(loaded.path, e))
+    for i, (line, folder) in enumerate(cited):
+        if folder in folders:
+            out.append((line, "PV-E022", f"{cid}: evidence folder {folder.name} is also cited by {folders[folder]}"))
+        folders.setdefault(folder, cid)
+        file = resolve_evidence(loaded.path, crit["evidence_discharged_by"][i])
+        if not file.exists():
+            continue  # PV-E010
+        found, doc = ec.check_evidence(loaded.path, cid, file, line, expected_sha)
+        out += found
+        if doc is not None and i == len(cited) - 1:
+            out += ec.agree_with_yaml(cid, file, line, doc, crit.get("discharge_status"), crit.get("live_discharge"))
+    return ec.diags(loaded.path, out, diag)
 
 
 def _criterion_checks(loaded: Loaded, cid: str, line: int, crit: CommentedMap, expected_sha: Any) -> list[Diagnostic]:
@@ -203,3 +231,22 @@ def _command_checks(path: Path, cid: str, line: int, check: Any) -> list[Diagnos
     if "{model}" not in command:
         out.append(diag(path, cline, "PV-W005", f"{cid}: check command has no {{model}} placeholder"))
     return out
+
+
+def shared_folders(results: list[Result]) -> None:
+    """PV-E022 across files: two contracts citing one evidence folder (added to the later file's result)."""
+    from apr.contracts.evidence_checks import evidence_folders
+
+    owner: dict[Path, str] = {}
+    for r in results:
+        if r.loaded is None:
+            continue
+        mine: set[Path] = set()
+        for _, crit in criteria_nodes(r.loaded.data):
+            for line, folder in evidence_folders(crit.get("evidence_discharged_by"), lambda e: resolve_evidence(r.path, e)):
+                mine.add(folder)
+                if folder in owner and owner[folder] != str(r.path):
+                    r.diagnostics.append(diag(r.path, line, "PV-E022", f"evidence folder {folder.name} is also cited by "
+                                              f"{owner[folder]}"))
+        for folder in mine:
+            owner.setdefault(folder, str(r.path))
