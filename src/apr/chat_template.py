@@ -8,11 +8,13 @@ a `tojson` that does not HTML-escape), so `render` is byte-identical to
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
 from functools import cached_property
 
+from apr import template_limits as limits
 from apr.errors import AprError
 
 # transformers' historical default (ChatML), used when a GGUF carries no template.
@@ -22,6 +24,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+MAX_SOURCE_CHARS = 1_000_000  # real templates are a few kB; parsing and compiling is not otherwise bounded
 
 # Probe contents: word joiners make a collision with real template text impossible in practice.
 _PROBE_USER = "\u2060apr-probe-user\u2060"
@@ -73,17 +77,88 @@ def _build_env():
 
         def __setitem__(self, name, value):
             Namespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
+            limits.tick()  # `{% set ns.s = ns.s ~ ns.s %}` in a loop: growth across iterations goes through here
+            jinja2.utils.Namespace.__setitem__(self, name, limits.check_result(value))
 
         @staticmethod
         def _check(name):
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env = _bounded_sandbox_class(ImmutableSandboxedEnvironment)(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=_strftime_now, namespace=Namespace)
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
+    env.globals.update(raise_exception=raise_exception, strftime_now=_strftime_now, namespace=Namespace,
+                       lipsum=_bounded_lipsum(env.globals["lipsum"]))
     return env
+
+
+def _bounded_sandbox_class(base):
+    """The sandbox with every hook a template cannot avoid checking the render's bounds (apr.template_limits)."""
+    import jinja2.nodes as nodes
+
+    class BoundedSandbox(base):
+        intercepted_binops = frozenset({"+", "*", "**", "%", "//"})
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805  (jinja's own signature)
+            limits.check_args(args, kwargs, getattr(__obj, "__self__", None))  # a method's object counts too
+            return limits.check_result(super().call(__context, __obj, *args, **kwargs))
+
+        def getattr(self, obj, attribute):
+            limits.tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            limits.tick()
+            return super().getitem(obj, argument)
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "+":
+                limits.tick()
+                if limits.size(left) + limits.size(right) > limits.max_chars_now():
+                    raise limits.TemplateLimit(limits.too_big_message("value grew"))
+            else:
+                limits.check_args((left, right), {})
+                if operator == "%" and isinstance(left, str):
+                    limits.check_format_string(left)
+            return limits.check_result(super().call_binop(context, operator, left, right))
+
+        def wrap_str_format(self, value):
+            fmt = super().wrap_str_format(value)
+            if fmt is not None:
+                limits.check_format_string(value.__self__)
+            return fmt
+
+        def _parse(self, source, name, filename):
+            # Every loop iterates through a deadline check: `{% for a in s %}{% for b in s %}` calls nothing.
+            tree = super()._parse(source, name, filename)
+            guard = nodes.ImportedName("apr.template_limits.bounded_iter")
+            for loop in tree.find_all(nodes.For):
+                loop.iter = nodes.Call(guard, [loop.iter], [], None, None, lineno=loop.lineno)
+            return tree
+
+    return BoundedSandbox
+
+
+def _bounded_filter(f):
+    @functools.wraps(f)  # keeps jinja's pass_context/pass_eval_context marker
+    def run(*args, **kwargs):
+        if not limits.active():  # jinja folds constant filters at compile time, where nothing is bounded:
+            raise limits.TemplateLimit("not rendering")  # any error there makes it leave the call to render
+        limits.check_args(args, kwargs)
+        return limits.check_result(f(*args, **kwargs))
+
+    return run
+
+
+def _bounded_lipsum(lipsum):
+    def bounded(n=5, html=True, min=20, max=100):
+        if n > 100 or max > 1000:
+            raise limits.TemplateLimit(limits.too_big_message("lipsum went"))
+        return lipsum(n=n, html=html, min=min, max=max)
+
+    return bounded
 
 
 def _plain_messages(messages) -> list[dict]:
@@ -114,9 +189,11 @@ class ChatTemplate:
     def _compiled(self):
         import jinja2
 
+        if len(self.source) > MAX_SOURCE_CHARS:
+            raise AprError(f"chat template is {len(self.source)} characters (limit {MAX_SOURCE_CHARS})")
         try:
             return _build_env().from_string(self.source)
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, RecursionError, MemoryError, ValueError, SyntaxError) as e:
             raise AprError(f"chat template does not compile: {_one_line(e)}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
@@ -124,13 +201,14 @@ class ChatTemplate:
         template = self._compiled
         context = {**self.special_tokens, **kwargs}
         try:
-            return template.render(
-                messages=_plain_messages(messages),
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **context,
-            )
+            with limits.Bounded():
+                chunks, total = [], 0
+                for chunk in template.generate(messages=_plain_messages(messages), tools=None, documents=None,
+                                               add_generation_prompt=add_generation_prompt, **context):
+                    total += len(chunk)
+                    limits.check_output(total)
+                    chunks.append(chunk)
+                return "".join(chunks)
         except AprError:
             raise
         except Exception as e:  # jinja2.TemplateError, or TypeError etc. from template expressions
