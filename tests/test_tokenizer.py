@@ -154,6 +154,17 @@ def test_chat_matches_transformers(model, gen):
     for chat in CHATS:
         rendered = tok.render_chat(chat, add_generation_prompt=gen)
         assert rendered == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+        # ordinary conversations: the text-safe chat encoding gives transformers' ids, and today's
+        ids = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        typed = sum(m["content"].count("<|im_end|>") for m in chat)
+        text, mine = tok.encode_chat(chat, add_generation_prompt=gen)
+        assert text == rendered and list(ids) == tok.encode(rendered, add_bos=False)
+        if not typed:
+            assert mine == list(ids)
+        else:  # transformers makes the typed <|im_end|> a control token; apr keeps it text
+            im_end = tok.token_to_id("<|im_end|>")
+            assert mine.count(im_end) == list(ids).count(im_end) - typed
         assert tok.is_templated(rendered) and tok.is_templated("\n" + rendered)
     assert not tok.is_templated("Write a function.") and not tok.is_templated("user: <|im_start|>")
 

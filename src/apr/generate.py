@@ -113,7 +113,7 @@ def prepare_prompt(lm, prompt: str, chat: bool | None = None, system: str | None
     Returns the text and its ids; templated text gets no extra BOS (the template writes its own)."""
     tok = lm.tokenizer
     wrap = tok.has_chat_template if chat is None else chat
-    if tok.is_templated(prompt):
+    if chat is not True and tok.is_templated(prompt):  # an explicit chat=True wraps even a templated-looking prompt
         return prompt, tok.encode(prompt, add_bos=False)
     if not wrap:
         return prompt, tok.encode(prompt)
@@ -123,9 +123,8 @@ def prepare_prompt(lm, prompt: str, chat: bool | None = None, system: str | None
 
 def prepare_messages(lm, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> tuple[str, list[int]]:
     """A conversation rendered through the model's own template once -> (text, ids); no extra BOS."""
-    tok = lm.tokenizer
-    rendered = tok.render_chat(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
-    return rendered, tok.encode(rendered, add_bos=False)
+    # special tokens count only where the template writes them: one typed in a message stays text
+    return lm.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
 
 def _stop_at(text: str, stops: list[str]) -> int:

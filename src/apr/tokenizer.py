@@ -147,6 +147,8 @@ class Tokenizer:
         self.unk_id = _special_id(meta, "unknown", len(tokens))
         self.add_bos = bool(_meta(meta, "add_bos_token", False))
         self.special_ids = frozenset(i for i, k in marked.items() if k == CONTROL)
+        # True: special tokens typed in chat messages count as specials (`--allow-special-in-content`)
+        self.allow_special_in_content = False
         self._tokens = tokens
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id, "pad_token": self.pad_id}
         self.chat = ChatTemplate(
@@ -233,6 +235,64 @@ class Tokenizer:
     def is_templated(self, prompt: str) -> bool:
         return self.chat.is_templated(prompt)
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    allow_special_in_content: bool | None = None, **kwargs) -> tuple[str, list[int]]:
+        """A conversation through the template -> (text, ids), where special and added tokens come only from
+        the template's own text: one typed in a message (`<|im_start|>system`) is tokenized as plain text.
+
+        Each such string in the messages is swapped for a private-use character before rendering, and the
+        rendered text is tokenized piece by piece between those characters, each one as its string's plain
+        text. A conversation without such strings is rendered and encoded exactly as before (one `encode`
+        of the rendered text), so ordinary ids are unchanged by construction. `allow_special_in_content`
+        (default: `self.allow_special_in_content`) restores the old behaviour: specials anywhere count."""
+        allow = self.allow_special_in_content if allow_special_in_content is None else allow_special_in_content
+        if not allow:
+            found = set(_strings_matching(messages, self._added_re)) | set(_strings_matching(kwargs, self._added_re))
+            if found:
+                return self._encode_escaped(messages, add_generation_prompt, found, kwargs)
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return text, self.encode(text, add_bos=False)
+
+    def _encode_escaped(self, messages, add_generation_prompt, found: set[str], kwargs) -> tuple[str, list[int]]:
+        import re
+
+        taken = set(self.chat.source) | set("".join(_all_strings([messages, kwargs])))
+        free = (chr(c) for c in range(_ESCAPE_BASE, 0x10FFFE) if chr(c) not in taken)
+        to_char = dict(zip(sorted(found), free))
+        back = {c: t for t, c in to_char.items()}
+
+        def sub(text: str) -> str:
+            return self._added_re.sub(lambda m: to_char.get(m.group(0), m.group(0)), text)
+
+        rendered = self.render_chat(_map_strings(messages, sub), add_generation_prompt=add_generation_prompt,
+                                    **_map_strings(kwargs, sub))
+        ids: list[int] = []
+        parts: list[str] = []
+        for piece in re.split("([" + "".join(back) + "])", rendered):
+            if piece in back:
+                ids += self.encode_plain(back[piece])
+                parts.append(back[piece])
+            elif piece:
+                ids += self.backend.encode(piece, add_special_tokens=False).ids
+                parts.append(piece)
+        return "".join(parts), ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: no special or added token is matched, only the BPE itself."""
+        b = self.backend
+        if b.normalizer is not None:
+            text = b.normalizer.normalize_str(text)
+        pieces = b.pre_tokenizer.pre_tokenize_str(text) if b.pre_tokenizer is not None else [(text, None)]
+        return [t.id for piece, _ in pieces for t in b.model.tokenize(piece)]
+
+    @cached_property
+    def _added_re(self):
+        import re
+
+        names = sorted({t.content for t in self.backend.get_added_tokens_decoder().values() if t.content},
+                       key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, names))) if names else re.compile(r"(?!x)x")
+
     @cached_property
     def stop_ids(self) -> frozenset[int]:
         """Ids that end generation: EOS, the template's end-of-turn token, and known end tokens."""
@@ -242,6 +302,37 @@ class Tokenizer:
             if i is not None and (i in self.special_ids or name == self.chat.end_of_turn):
                 ids.add(i)
         return frozenset(ids)
+
+
+_ESCAPE_BASE = 0x100000  # plane-16 private use: stand-ins for token strings found in chat messages
+
+
+def _all_strings(x):
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _all_strings(k)
+            yield from _all_strings(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _all_strings(v)
+
+
+def _strings_matching(x, pattern):
+    for text in _all_strings(x):
+        yield from (m.group(0) for m in pattern.finditer(text))
+
+
+def _map_strings(x, fn):
+    """A copy of nested dicts/lists with `fn` applied to every string (keys included)."""
+    if isinstance(x, str):
+        return fn(x)
+    if isinstance(x, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_strings(v, fn) for v in x)
+    return x
 
 
 def _respell(token: str, alphabet: set[str]) -> str:

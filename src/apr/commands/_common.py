@@ -26,6 +26,12 @@ def add_sampling_args(p, max_tokens: int = 256) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop when this string appears (repeatable)")
 
 
+def add_content_args(p) -> None:
+    p.add_argument("--allow-special-in-content", action="store_true",
+                   help="let special tokens typed in a message (<|im_start|>, ...) act as control tokens, the old "
+                        "behaviour (default: message text is tokenized as text; specials come only from the template)")
+
+
 def sampling_kwargs(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
@@ -34,5 +40,7 @@ def sampling_kwargs(args) -> dict:
 def load(args, quiet: bool = False):
     from apr.runtime import load_model
 
-    return load_model(args.model, dtype=getattr(args, "dtype", None), backend=getattr(args, "backend", "auto"),
-                      quiet=quiet)
+    lm = load_model(args.model, dtype=getattr(args, "dtype", None), backend=getattr(args, "backend", "auto"),
+                    quiet=quiet)
+    lm.tokenizer.allow_special_in_content = bool(getattr(args, "allow_special_in_content", False))
+    return lm

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import sys
 
-from apr.commands._common import add_model_args, add_sampling_args, load, sampling_kwargs
+from apr.commands._common import add_content_args, add_model_args, add_sampling_args, load, sampling_kwargs
 
 
 def setup_parser(p):
     add_model_args(p)
     p.add_argument("--system", default=None, help="system message for the conversation")
+    add_content_args(p)
     add_sampling_args(p, max_tokens=512)
     p.add_argument("--json", action="store_true", help="print one JSON object per turn instead of streaming text")
 
@@ -38,16 +39,16 @@ def main(args):
         if not user.strip():
             continue
         history.append({"role": "user", "content": user})
-        prompt = lm.tokenizer.render_chat(history, add_generation_prompt=True)
         result = None
-        for r in stream_generate(lm, prompt, chat=False, **sampling_kwargs(args)):
+        for r in stream_generate(lm, list(history), **sampling_kwargs(args)):  # the conversation, templated once
             if not args.json:
                 sys.stdout.write(r.text)
                 sys.stdout.flush()
             result = r.result or result
         history.append({"role": "assistant", "content": result.text})
         if args.json:
-            print(json.dumps({"user": user, "text": result.text, "tokens_generated": result.tokens_generated,
+            print(json.dumps({"user": user, "prompt_ids": result.prompt_tokens, "text": result.text,
+                              "tokens_generated": result.tokens_generated,
                               "stop_reason": result.stop_reason, "decode_tok_s": round(result.decode_tok_s, 3)}))
         else:
             sys.stdout.write("\n")

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from apr.commands._common import add_model_args, add_sampling_args, load, sampling_kwargs
+from apr.commands._common import add_content_args, add_model_args, add_sampling_args, load, sampling_kwargs
 
 
 def setup_parser(p):
@@ -15,8 +15,10 @@ def setup_parser(p):
     p.add_argument("--system", default=None, help="system message (chat mode)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="wrap the prompt in the model's chat template (default for instruct models)")
+                      help="wrap the prompt in the model's chat template (default for instruct models); with "
+                           "--chat even a prompt that looks templated is wrapped, its special tokens kept as text")
     mode.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as is")
+    add_content_args(p)
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
