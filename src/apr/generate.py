@@ -137,7 +137,9 @@ def stream_generate(lm, prompt: str, *, chat: bool | None = None, system: str | 
                     repeat_penalty: float = 1.0, seed: int | None = None,
                     stop: list[str] | None = None) -> Iterator[GenerationResponse]:
     tok, ctx = lm.tokenizer, lm.config.context_length
-    rendered, prompt_ids = prepare_prompt(lm, prompt, chat, system)
+    # a list of messages is a whole conversation (apr chat); a string, one prompt
+    rendered, prompt_ids = (prepare_messages(lm, prompt) if isinstance(prompt, list)
+                            else prepare_prompt(lm, prompt, chat, system))
     if not prompt_ids:
         raise ContextOverflow("the prompt is empty")
     if len(prompt_ids) >= ctx:
