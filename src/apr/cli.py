@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "measure prefill and decode speed"),
     "qa": ("qa", "run the ship gates on a model"),
     "eval": ("eval", "evaluate generated code (python-syntax, humaneval)"),
+    "serve": ("serve", "OpenAI- and Ollama-compatible HTTP server with continuous batching"),
 }
 
 
