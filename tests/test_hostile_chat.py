@@ -192,3 +192,13 @@ def subprocess_chat(path, stdin):
     env = dict(os.environ, APR_NATIVE="0")
     return subprocess.run([sys.executable, "-m", "apr.cli", "chat", str(path), "--json", "--max-tokens", "1"],
                           input=stdin, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_qa_reports_a_template_past_the_bound(tmp_path, short_limit):
+    from test_qa import STATIC, gates, run_qa
+
+    path = write_tiny_gguf(tmp_path / "slow.gguf", chat_template=SLOW["exponential macros"])
+    g = gates(run_qa(path, only=STATIC))
+    assert not g["chat_template"].passed
+    assert "needs more than the render bound" in g["chat_template"].message
+    assert "time limit (0.3 s" in g["chat_template"].message

@@ -288,10 +288,15 @@ def chat_template(ctx) -> Outcome:
     tok = ctx.tokenizer()
     if not tok.has_chat_template:
         raise Skip("the model has no chat template (a base model): prompts run raw")
+    from apr.template_limits import TemplateLimit
+
     user = [{"role": "user", "content": PROBE_USER}]
-    gen = tok.render_chat(user, add_generation_prompt=True)
-    plain = tok.render_chat(user, add_generation_prompt=False)
-    header = assistant_header(tok, user, plain)
+    try:
+        gen = tok.render_chat(user, add_generation_prompt=True)
+        plain = tok.render_chat(user, add_generation_prompt=False)
+        header = assistant_header(tok, user, plain)
+    except TemplateLimit as e:  # a template that needs more time or room than a render is given
+        return Outcome(False, f"the template needs more than the render bound: {e}", value=1, threshold=0)
     problems = []
     if PROBE_USER not in gen:
         problems.append("the rendered prompt lacks the user's message")
