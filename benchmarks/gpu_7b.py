@@ -7,7 +7,7 @@
    position, and graph decode == eager decode; then the backend chain with its parity gate (load_model).
 2. writes a random GGUF with the 7B's shapes and llama.cpp's Q4_K_M type layout (Q4_K, with Q6_K for
    attn_v/ffn_down on the "more bits" layers and for output), nothing large travels;
-3. loads it through apr on CUDA, measures decode tok/s with `apr bench`'s measure() (generate_step), with
+3. loads it through apr on CUDA, measures decode tok/s with `apr bench`'s measure() (the engine), with
    and without CUDA graphs, and the fraction of the HBM roofline: weight bytes read per token x tok/s.
 Prints one JSON object at the end. Random weights make the text meaningless, not the speed.
 """

@@ -30,20 +30,26 @@ def test_bench_json_keys(tiny_qwen, home, capsys):
     assert doc["peak_rss_mb"] > 0 and doc["first_token_s"] >= doc["load_s"] > 0
 
 
-def test_bench_goes_through_generate_step(tiny_llama, home, capsys, monkeypatch):
-    import apr.generate
+def test_bench_goes_through_the_engine(tiny_llama, home, capsys, monkeypatch):
+    from apr.engine import Engine
 
     seen = []
-    real = apr.generate.generate_step
+    real_submit, real_prefill = Engine.submit, Engine._prefill
 
-    def spy(model, prompt_ids, sampler, max_tokens, *a, **k):
-        seen.append((len(prompt_ids), max_tokens))
-        yield from real(model, prompt_ids, sampler, max_tokens, *a, **k)
+    def submit(self, prompt_ids, params):
+        seen.append((len(prompt_ids), params.max_tokens, params.cache_prompt))
+        return real_submit(self, prompt_ids, params)
 
-    monkeypatch.setattr(apr.generate, "generate_step", spy)
-    doc = run_bench(capsys, str(tiny_llama), "--prompt-tokens", "20", "--gen-tokens", "3", "--iterations", "1",
+    def prefill(self, req):
+        seen.append(("prefilled", len(req.prompt_ids) - req.fed))  # the whole prompt, every iteration
+        return real_prefill(self, req)
+
+    monkeypatch.setattr(Engine, "submit", submit)
+    monkeypatch.setattr(Engine, "_prefill", prefill)
+    doc = run_bench(capsys, str(tiny_llama), "--prompt-tokens", "20", "--gen-tokens", "3", "--iterations", "2",
                     "--warmup", "0", "--dtype", "float32")
-    assert seen == [(20, 3)] and doc["dtype"] == "float32"
+    assert seen == [(20, 3, False), ("prefilled", 20)] * 2 and doc["dtype"] == "float32"
+    assert doc["step_impl"] == "torch-block"  # float32: the reference block, never the C one
 
 
 def test_bench_prompt_is_exact_and_stable(tiny_qwen):

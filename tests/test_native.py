@@ -181,7 +181,8 @@ def test_c_block_layer_matches_the_torch_block(tmp_path, arch, heads):
     model.cache.k.copy_(saved[0]), model.cache.v.copy_(saved[1])
     xc = x.clone().contiguous()
     cos_c, sin_c = (t.float().contiguous() for t in (cos, sin))
-    rc = native.lib().apr_decode_layer(ctypes.byref(NativeStep(model).layers[0]), xc.data_ptr(), pos,
+    one = ctypes.c_int64 * 1
+    rc = native.lib().apr_decode_layer(ctypes.byref(NativeStep(model).layers[0]), xc.data_ptr(), 1, one(pos), one(0),
                                        cos_c.data_ptr(), sin_c.data_ptr(), torch.get_num_threads())
     assert rc == 0
     added_c = xc - x

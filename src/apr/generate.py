@@ -1,22 +1,21 @@
 """Generation: samplers, the token loop, and text streaming. Every command generates through here.
 
-    make_sampler(...)       logits -> next token id
-    generate_step(...)      prefill the prompt, then yield one token id at a time
+    prepare_prompt(...)     prompt text -> (rendered, ids): the model's template applied exactly once
+    prepare_messages(...)   a conversation -> (rendered, ids)
+    submit(...)             queue a prompt on the model's engine (apr.engine: the batched step) -> Request
     stream_generate(...)    prompt text -> GenerationResponse pieces, the last one carrying the result
     generate(...)           stream_generate run to the end -> GenerationResult
+
+The token loop itself is the engine's (apr.engine.Engine.step): there is no second one here.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
-import torch
-
-from apr.errors import ContextOverflow
-
-Sampler = Callable[[torch.Tensor], int]
+from apr.engine.sampling import Sampler, apply_repeat_penalty, make_sampler  # noqa: F401  (re-exported)
+from apr.errors import AprError
 
 
 @dataclass
@@ -51,61 +50,6 @@ class GenerationResponse:
     result: GenerationResult | None = None  # set on the last response only
 
 
-def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 seed: int | None = None) -> Sampler:
-    """Greedy at temperature 0; otherwise temperature, then top-k, top-p and min-p filtering, seeded."""
-    if temperature <= 0:
-        return lambda logits: int(torch.argmax(logits))
-    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2**31)))
-
-    def sample(logits: torch.Tensor) -> int:
-        logits = logits.float() / temperature
-        if top_k > 0:
-            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if min_p > 0:
-            probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-        if top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            # drop tokens once the mass before them already reaches top_p (always keep the first)
-            drop = (torch.cumsum(sorted_p, 0) - sorted_p) >= top_p
-            sorted_p[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
-
-    return sample
-
-
-def apply_repeat_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
-    """CTRL-style penalty (as llama.cpp and transformers): shrink positive logits, grow negative ones."""
-    if penalty == 1.0 or not history:
-        return logits
-    ids = torch.tensor(sorted(set(history)), dtype=torch.long)
-    vals = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    return logits
-
-
-def generate_step(model, prompt_ids: list[int], sampler: Sampler, max_tokens: int,
-                  repeat_penalty: float = 1.0, repeat_last_n: int = 64) -> Iterator[int]:
-    """Prefill `prompt_ids` in one batch, then decode one token per step; yields token ids."""
-    model.setup_cache(len(prompt_ids) + max_tokens)
-    history = list(prompt_ids)
-    logits = model(torch.tensor(prompt_ids, dtype=torch.long), 0)[-1]  # (vocab,)
-    pos = len(prompt_ids)
-    for i in range(max_tokens):
-        logits = apply_repeat_penalty(logits, history[-repeat_last_n:], repeat_penalty)
-        token = sampler(logits)
-        yield token
-        if i + 1 == max_tokens:
-            return  # no forward pass for a token nobody will read
-        history.append(token)
-        logits = model(torch.tensor([token], dtype=torch.long), pos)[-1]
-        pos += 1
-
-
 def prepare_prompt(lm, prompt: str, chat: bool | None = None, system: str | None = None) -> tuple[str, list[int]]:
     """The text fed to the model. An instruct model's prompt is wrapped in its template exactly once:
     `chat=None` wraps when the model has a template, `chat=False` never wraps, and a prompt that is
@@ -127,55 +71,37 @@ def prepare_messages(lm, messages: list[dict], add_generation_prompt: bool = Tru
     return lm.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
 
-def _stop_at(text: str, stops: list[str]) -> int:
-    cut = [text.find(s) for s in stops if s and s in text]
-    return min(cut) if cut else -1
+def submit(lm, prompt: str, *, chat: bool | None = None, system: str | None = None, parallel: int = 1,
+           max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+           repeat_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None):
+    """Queue one prompt on the model's engine -> (rendered prompt, apr.engine.Request)."""
+    from apr.engine import SamplingParams, engine_for
 
-
-def stream_generate(lm, prompt: str, *, chat: bool | None = None, system: str | None = None, max_tokens: int = 256,
-                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                    repeat_penalty: float = 1.0, seed: int | None = None,
-                    stop: list[str] | None = None) -> Iterator[GenerationResponse]:
-    tok, ctx = lm.tokenizer, lm.config.context_length
     # a list of messages is a whole conversation (apr chat); a string, one prompt
     rendered, prompt_ids = (prepare_messages(lm, prompt) if isinstance(prompt, list)
                             else prepare_prompt(lm, prompt, chat, system))
-    if not prompt_ids:
-        raise ContextOverflow("the prompt is empty")
-    if len(prompt_ids) >= ctx:
-        raise ContextOverflow(f"the prompt has {len(prompt_ids)} tokens; the context holds {ctx}")
-    max_tokens = max(0, min(max_tokens, ctx - len(prompt_ids)))
-    sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
-    stops, hold = list(stop or []), max((len(s) for s in stop or []), default=1) - 1
-    tokens: list[int] = []
-    decoder = tok.stream_decoder()
-    text, sent, reason = "", 0, "length"
-    t0 = time.perf_counter()
-    t_first = t_last = None
-    steps = -1  # the first token costs the prefill, not a decode step
-    for token in generate_step(lm.model, prompt_ids, sampler, max_tokens, repeat_penalty):
-        t_last = time.perf_counter()
-        t_first = t_first or t_last
-        steps += 1
-        if token in tok.stop_ids:
-            reason = "eos"
-            break
-        tokens.append(token)
-        text += decoder.push(token)  # only whole characters; a partial UTF-8 sequence waits
-        cut = _stop_at(text, stops)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
-            break
-        ready = len(text) - hold  # hold back what may be the start of a stop string
-        if ready > sent:
-            yield GenerationResponse(text[sent:ready], token)
-            sent = ready
-    if reason != "stop":
-        text += decoder.flush()
-    t_first = t_first or time.perf_counter()
-    t_last = t_last or t_first
-    result = GenerationResult(text, tokens, prompt_ids, rendered, reason, t_first - t0, t_last - t_first, max(steps, 0))
-    yield GenerationResponse(text[sent:], None, result)
+    params = SamplingParams(max(0, max_tokens), temperature, top_k, top_p, min_p, repeat_penalty, seed, list(stop or []))
+    return rendered, engine_for(lm, parallel).submit(prompt_ids, params)
+
+
+def stream_generate(lm, prompt: str, **kwargs) -> Iterator[GenerationResponse]:
+    """Generate through the engine (a batch of one unless other requests run): text pieces as they are ready,
+    the last one carrying the GenerationResult. Keyword arguments: those of `submit`."""
+    rendered, req = submit(lm, prompt, **kwargs)
+    try:
+        for ev in req.events():
+            if ev.finish_reason is None:
+                if ev.text:
+                    yield GenerationResponse(ev.text, ev.token)
+                continue
+            if req.stop_reason == "error":
+                raise AprError(f"generation failed: {req.error}")
+            result = req.result()
+            result.rendered_prompt = rendered
+            yield GenerationResponse(ev.text, None, result)
+    finally:
+        if not req.done:  # the caller stopped reading (Ctrl-C, a closed pipe): free the slot
+            req.cancel()
 
 
 def generate(lm, prompt: str, **kwargs) -> GenerationResult:

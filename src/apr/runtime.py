@@ -27,6 +27,7 @@ class LoadedModel:
     backend: str
     load_s: float
     backend_chain: list = field(default_factory=list)
+    engine: Any = None  # apr.engine.Engine, made on first use (apr.engine.engine_for): it owns the KV cache
 
     @property
     def is_instruct(self) -> bool:

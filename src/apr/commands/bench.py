@@ -1,7 +1,7 @@
 """`apr bench MODEL`: prefill and decode speed through apr.generate (the one inference path).
 
 Each iteration prefills a fixed prompt of --prompt-tokens ordinary tokens and decodes --gen-tokens
-greedily with `generate_step`; prefill speed is prompt tokens / time to the first token, decode speed is
+greedily through the engine (apr.engine, batch of one); prefill speed is prompt tokens / time to the first token, decode speed is
 the remaining steps / their time. Medians (with min and max) over --iterations; load time, first-token
 latency (from the process start to the first token of the first iteration) and peak RSS are reported too.
 """
@@ -40,18 +40,18 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def run_once(model, prompt: list[int], gen_tokens: int) -> tuple[float, float, int, float]:
-    """(prefill seconds, decode seconds, decode steps, wall-clock time of the first token)."""
-    from apr.generate import generate_step, make_sampler
+def run_once(lm, prompt: list[int], gen_tokens: int) -> tuple[float, float, int, float]:
+    """(prefill seconds, decode seconds, decode steps, wall-clock time of the first token), through the engine
+    like every command; the prompt is prefilled in full each time (no prefix-cache reuse) and EOS does not stop it."""
+    from apr.engine import SamplingParams, engine_for
 
-    t0 = time.perf_counter()
-    t_first = t_last = None
-    n = 0
-    for _ in generate_step(model, prompt, make_sampler(0.0), gen_tokens):
-        t_last = time.perf_counter()
-        t_first = t_first or t_last
-        n += 1
-    return t_first - t0, t_last - t_first, n - 1, time.time() - (time.perf_counter() - t_first)
+    req = engine_for(lm).submit(prompt, SamplingParams(max_tokens=gen_tokens, stop_ids=set(), cache_prompt=False))
+    for _ in req.events():
+        pass
+    if req.stop_reason == "error":
+        raise RuntimeError(f"generation failed: {req.error}")
+    return (req.t_first - req.t_admit, req.t_last - req.t_first, req.decode_steps,
+            time.time() - (time.perf_counter() - req.t_first))
 
 
 def _stats(values: list[float]) -> dict:
@@ -65,11 +65,11 @@ def measure(lm, prompt_tokens: int, gen_tokens: int, iterations: int, warmup: in
     prompt = bench_prompt(lm.tokenizer, prompt_tokens)
     first_token_s = None
     for _ in range(warmup):  # one-time costs (cache allocation, graph capture) stay out of the timings
-        *_, t_first = run_once(lm.model, prompt[: min(16, prompt_tokens)], 3)
+        *_, t_first = run_once(lm, prompt[: min(16, prompt_tokens)], 3)
         first_token_s = first_token_s or (t_first - t_start)
     prefill, decode = [], []
     for _ in range(max(1, iterations)):
-        pre_s, dec_s, steps, t_first = run_once(lm.model, prompt, gen_tokens)
+        pre_s, dec_s, steps, t_first = run_once(lm, prompt, gen_tokens)
         first_token_s = first_token_s or (t_first - t_start)
         prefill.append(prompt_tokens / pre_s)
         decode.append(steps / dec_s if dec_s > 0 else 0.0)
@@ -110,7 +110,7 @@ def main(args):
         "prefill_tok_s_max": round(m["prefill"]["max"], 3),
         "decode_tok_s": round(m["decode"]["median"], 3), "decode_tok_s_min": round(m["decode"]["min"], 3),
         "decode_tok_s_max": round(m["decode"]["max"], 3),
-        "load_s": round(lm.load_s, 3), "first_token_s": round(m["first_token_s"], 3),
+        "step_impl": lm.engine.step_impl, "load_s": round(lm.load_s, 3), "first_token_s": round(m["first_token_s"], 3),
         "peak_rss_mb": round(peak_rss_mb(), 1), "file_mb": round(lm.path.stat().st_size / 2**20, 1),
     }
     if args.json:

@@ -1,8 +1,9 @@
-"""Decode steps (one token) through the C block of apr.quant.native (csrc/decode_layer.c).
+"""Decode steps (one token for each of a batch of sequences) through the C block of apr.quant.native
+(csrc/decode_layer.c).
 
-Used by Transformer.forward when every linear of every block reads ggml blocks in place (kind "ggml"),
+Used by Transformer.step (see its step_impl) when every linear of every block reads ggml blocks in place (kind "ggml"),
 the compute dtype is not float32 (the reference path stays torch), nothing is tapped (trace/parity see
-the torch block) and the step is one token on the CPU. Prefill, taps and every other case run the torch
+the torch block) and the step is one token per sequence on the CPU. Prefill, taps and every other case run the torch
 Block; both write the same KV cache, so a prompt prefilled in torch decodes in C and vice versa.
 """
 
@@ -27,7 +28,7 @@ class _DLayer(ctypes.Structure):
     _fields_ = [(f, ctypes.c_int64) for f in ("dim", "n_heads", "n_kv", "head_dim", "ffn_dim", "cache_len")] + [
         ("neox", ctypes.c_int), ("eps", ctypes.c_float),
         ("attn_norm", _P), ("ffn_norm", _P), ("qkv", _WGroup), ("out", _WGroup), ("gate_up", _WGroup),
-        ("down", _WGroup), ("k_cache", _P), ("v_cache", _P)]
+        ("down", _WGroup), ("k_cache", _P), ("v_cache", _P), ("n_slots", ctypes.c_int64)]
 
 
 def _group(mods) -> tuple[_WGroup, native.Group]:
@@ -54,7 +55,7 @@ class NativeStep:
         cfg, cache = model.cfg, model.cache
         self.model, self.cache_k, self.version = model, cache.k, prepared_version()
         self.keep, self.layers = [], []
-        per_layer = cache.k[0].numel() * cache.k.element_size()  # (1, KV, S, hd) bytes
+        per_layer = cache.k[0].numel() * cache.k.element_size()  # (slots, KV, S, hd) bytes
         for i, b in enumerate(model.blk):
             groups = [_group(mods) for mods in ((b.attn_q, b.attn_k, b.attn_v), (b.attn_output,),
                                                 (b.ffn_gate, b.ffn_up), (b.ffn_down,))]
@@ -63,20 +64,24 @@ class NativeStep:
                 cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cache.size,
                 int(not cfg.rope_interleaved), cfg.norm_eps,
                 b.attn_norm.weight.data_ptr(), b.ffn_norm.weight.data_ptr(), *(w for w, _ in groups),
-                cache.k.data_ptr() + i * per_layer, cache.v.data_ptr() + i * per_layer))
+                cache.k.data_ptr() + i * per_layer, cache.v.data_ptr() + i * per_layer, cache.slots))
 
     def valid_for(self, model) -> bool:
         """Built over this cache and these weights (any re-prepared linear invalidates it)."""
         return model.cache is not None and model.cache.k is self.cache_k and prepared_version() == self.version
 
-    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        """ids (1,) at position pos -> float32 logits (1, vocab)."""
+    def __call__(self, ids: torch.Tensor, pos: list[int], slots: list[int]) -> torch.Tensor:
+        """ids (M,): one token per sequence, row m at position pos[m] of cache slot slots[m] -> float32 logits
+        (M, vocab). The weights are read once for all M rows."""
         m, lib = self.model, native.lib()
-        x = m.token_embd(ids).float().contiguous()  # (1, dim): the residual stream, updated in place
-        cos, sin = (t.float().contiguous() for t in m.rope(slice(pos, pos + 1)))  # (1, hd) or (1, hd/2)
+        x = m.token_embd(ids).float().contiguous()  # (M, dim): the residual streams, updated in place
+        at = torch.tensor(pos, dtype=torch.long)
+        cos, sin = (t.float().contiguous() for t in m.rope(at))  # (M, hd) or (M, hd/2)
+        pos_c, slot_c = (ctypes.c_int64 * len(pos))(*pos), (ctypes.c_int64 * len(slots))(*slots)
         threads = torch.get_num_threads()
         for layer in self.layers:
-            rc = lib.apr_decode_layer(ctypes.byref(layer), x.data_ptr(), pos, cos.data_ptr(), sin.data_ptr(), threads)
+            rc = lib.apr_decode_layer(ctypes.byref(layer), x.data_ptr(), len(pos), pos_c, slot_c, cos.data_ptr(),
+                                      sin.data_ptr(), threads)
             if rc:
-                raise RuntimeError(f"native decode step failed ({rc}) at position {pos}")
+                raise RuntimeError(f"native decode step failed ({rc}) at positions {pos}, slots {slots}")
         return m.output(m.output_norm(x)).float()

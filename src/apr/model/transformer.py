@@ -7,6 +7,7 @@ so a GGUF tensor `blk.3.attn_q.weight` is the raw blocks of module `blk.3.attn_q
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -63,6 +64,14 @@ def rope_halves(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torc
     return (x * cos2 + x.roll(x.shape[-1] // 2, -1) * sin2).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's rows in a step: `n` tokens at positions [pos, pos + n) of KV-cache slot `slot`."""
+    slot: int
+    pos: int
+    n: int
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, w: dict):
         super().__init__()
@@ -78,9 +87,13 @@ class Block(nn.Module):
         self.ffn_up = w[p + "ffn_up"]
         self.ffn_down = w[p + "ffn_down"]
 
-    def forward(self, x, pos, cos, sin, cache: KVCache, tap: Tap | None, mask: torch.Tensor | None = None):
-        """x (T, dim) at positions [pos, pos+T). With `mask` (static decode: T == 1, pos a (1,) tensor) the
-        cache is written by index and attention runs over the whole buffer, masked: fixed shapes for graphs."""
+    def forward(self, x, pos, cos, sin, cache: KVCache, tap: Tap | None, mask: torch.Tensor | None = None,
+                segs: list[Segment] | None = None):
+        """x (T, dim) at positions [pos, pos+T) of cache slot 0, or, with `segs`, the rows of several sequences
+        side by side (each Segment: its slot, first position and row count; cos/sin rows follow x's). The
+        linears run once over all rows (the weights are read once per step); attention runs per segment over its
+        own slot. With `mask` (static decode: T == 1, pos a (1,) tensor) the cache is written by index and
+        attention runs over the whole buffer, masked: fixed shapes for graphs."""
         cfg, t = self.cfg, x.shape[0]
         h = self.attn_norm(x)  # (T, dim)
         q, k, v = fused([self.attn_q, self.attn_k, self.attn_v], h)  # 3 x (T, out)
@@ -95,12 +108,17 @@ class Block(nn.Module):
         else:
             q = apply_rope(q, cos, sin, cfg.rope_interleaved)
             k = apply_rope(k, cos, sin, cfg.rope_interleaved)
-        if mask is None:
-            k, v = cache.update(self.layer, pos, k, v)  # (1, KV, pos+T, hd)
-            a = attention(q, k, v, pos)  # (1, H, T, hd)
-        else:
+        if mask is not None:
             k, v = cache.write_at(self.layer, pos, k, v)  # (1, KV, S, hd)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (1, H, 1, hd)
+        else:
+            parts, row = [], 0
+            for seg in segs or [Segment(0, pos, t)]:
+                rows = slice(row, row + seg.n)
+                ks, vs = cache.update(self.layer, seg.pos, k[:, :, rows], v[:, :, rows], seg.slot)  # (1, KV, pos+n, hd)
+                parts.append(attention(q[:, :, rows], ks, vs, seg.pos))  # (1, H, n, hd)
+                row += seg.n
+            a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (1, H, T, hd)
         a = a.squeeze(0).transpose(0, 1).reshape(t, cfg.n_heads * cfg.head_dim)  # (T, H*hd)
         a = self.attn_output(a)
         x = x + a
@@ -161,16 +179,23 @@ class Transformer(nn.Module):
         self.cache, self._graph, self._native = None, None, None
         return self
 
-    def setup_cache(self, capacity: int) -> None:
-        cache = self.cache
-        if cache is None or cache.size < capacity or cache.k.dtype != self.dtype or cache.k.device != self.device:
-            cfg = self.cfg
-            self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity, self.dtype, self.device)
-            cos, sin = rope_tables(cfg, self.cache.size)
-            if not cfg.rope_interleaved:  # halves form for rope_halves: [cos, cos], [-sin, sin] (S, hd)
-                cos, sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
-            self.cos, self.sin = cos.to(self.device), sin.to(self.device)
-            self._graph = None  # captured over the old buffers
+    def setup_cache(self, capacity: int, slots: int = 1, keep: bool = False) -> None:
+        """Room for `capacity` positions in each of `slots` sequences. `keep` (the engine's prefix cache) grows
+        the buffers with their contents; otherwise a new cache is made only when the old one is too small."""
+        cache, cfg = self.cache, self.cfg
+        fits = cache is not None and cache.k.dtype == self.dtype and cache.k.device == self.device
+        if fits and cache.size >= capacity and cache.slots >= slots:
+            cache.capacity = max(capacity, cache.capacity if keep else 1)
+            return
+        if fits and keep:
+            self.cache = cache.grown(capacity, slots)
+        else:
+            self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity, self.dtype, self.device, slots)
+        cos, sin = rope_tables(cfg, self.cache.size)
+        if not cfg.rope_interleaved:  # halves form for rope_halves: [cos, cos], [-sin, sin] (S, hd)
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+        self.cos, self.sin = cos.to(self.device), sin.to(self.device)
+        self._graph = None  # captured over the old buffers
         self.cache.capacity = max(capacity, 1)
 
     def rope(self, at: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,26 +207,52 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, all_logits: bool = False) -> torch.Tensor:
-        """ids (T,) at positions [pos, pos+T) -> float32 logits (T, vocab), or (1, vocab) for the last one."""
+        """ids (T,) at positions [pos, pos+T) of slot 0 -> float32 logits (T, vocab), or (1, vocab) for the last one.
+        Direct calls (trace, parity, gates) are counted: the engine's prefix cache no longer trusts slot 0 after one."""
+        self.direct_steps = getattr(self, "direct_steps", 0) + 1
+        return self.step(ids, [Segment(0, pos, ids.shape[0])], all_logits)
+
+    def step_impl(self, segs: list[Segment]) -> str:
+        """Which implementation runs a step over `segs`: the one place this is decided (the engine reports it).
+        "cuda-graph": one token of slot 0 on CUDA; "native-c-block": one token per sequence on the CPU with every
+        linear reading ggml blocks in place and a bf16 cache (apr.model.native_step); else "torch-block"."""
+        if self.tap is not None or any(s.n != 1 for s in segs):
+            return "torch-block"
+        if self._graphs_enabled():
+            return "cuda-graph" if len(segs) == 1 and segs[0].slot == 0 else "torch-block"
+        if self.device.type == "cpu" and self._native_ok():
+            return "native-c-block"
+        return "torch-block"
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor, segs: list[Segment], all_logits: bool = False) -> torch.Tensor:
+        """One forward over the rows of several sequences: ids (T,) = each segment's tokens in order. Returns
+        float32 logits (T, vocab) with `all_logits`, else each segment's last row (len(segs), vocab)."""
         t = ids.shape[0]
-        if self.cache is None or pos + t > self.cache.capacity:
-            raise ValueError(f"positions up to {pos + t} exceed the KV cache; call setup_cache first")
-        if t == 1 and self.tap is None and self._graphs_enabled():
-            return self._graph_step(ids, pos)
-        if t == 1 and self.tap is None and self.device.type == "cpu" and self._native_ok():
-            return self._native(ids, pos)
+        if self.cache is None or any(s.pos + s.n > self.cache.capacity or s.slot >= self.cache.slots for s in segs):
+            raise ValueError(f"positions or slots {segs} exceed the KV cache; call setup_cache first")
+        assert sum(s.n for s in segs) == t, (segs, t)
+        impl = self.step_impl(segs)
+        if impl == "cuda-graph":
+            return self._graph_step(ids, segs[0].pos)
+        if impl == "native-c-block":
+            return self._native(ids, [s.pos for s in segs], [s.slot for s in segs])
         # the residual stream stays float32 whatever the compute dtype, so its sums over dozens of layers
         # add no rounding of their own (a small effect: SmolLM2 Q4_1 top-1 vs float32 96.3% -> 96.5%)
         x = self.token_embd(ids).float()  # (T, dim)
         if self.tap:
             self.tap(-1, "embedding", x)
-        cos, sin = self.rope(slice(pos, pos + t))
+        if len(segs) == 1:
+            cos, sin = self.rope(slice(segs[0].pos, segs[0].pos + t))
+        else:
+            cos, sin = self.rope(torch.cat([torch.arange(s.pos, s.pos + s.n) for s in segs]).to(self.device))
         for block in self.blk:
-            x = block(x, pos, cos, sin, self.cache, self.tap)
+            x = block(x, segs[0].pos, cos, sin, self.cache, self.tap, segs=segs)
         if not all_logits:
-            x = x[-1:]
+            last = torch.tensor([sum(s.n for s in segs[: i + 1]) - 1 for i in range(len(segs))])
+            x = x[-1:] if len(segs) == 1 else x.index_select(0, last.to(x.device))  # (segs, dim)
         x = self.output_norm(x)
-        logits = self.output(x).float()  # (T or 1, vocab)
+        logits = self.output(x).float()  # (T or segs, vocab)
         if self.tap:
             self.tap(self.cfg.n_layers, "logits", logits)
         return logits

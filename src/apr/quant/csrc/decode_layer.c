@@ -26,17 +26,20 @@ typedef struct { /* weights that read the same input, as apr_matmul_multi takes 
     const float *const *biases;
 } wgroup;
 
-typedef struct { /* one block; built once in Python (apr.quant.native.DecodeLayer) */
+typedef struct { /* one block; built once in Python (apr.model.native_step) */
     int64_t dim, n_heads, n_kv, head_dim, ffn_dim, cache_len; /* cache_len: positions in the cache buffers */
     int neox; /* rope on halves (qwen2) or adjacent pairs (llama) */
     float eps;
     const float *attn_norm, *ffn_norm;
     wgroup qkv, out, gate_up, down;
-    uint16_t *k_cache, *v_cache; /* this layer's (n_kv, cache_len, head_dim) bfloat16 buffers */
+    uint16_t *k_cache, *v_cache; /* this layer's (slots, n_kv, cache_len, head_dim) bfloat16 buffers */
+    int64_t n_slots;             /* sequences the cache holds: row m of a step reads and writes slot[m] */
 } dlayer;
 
-static int matvec(const wgroup *g, int64_t K, const float *x, float *y, int threads) {
-    return apr_matmul_multi(g->n, g->qtypes, g->ws, g->row_bytes, g->Ns, g->biases, K, x, 0, 1, y, 0, threads);
+/* y (M, N) = x (M, K) @ W.T: every weight row is read once for all M rows of the batch, and each row's dot
+ * is the same arithmetic as with M = 1, so a sequence's numbers do not depend on what it is batched with */
+static int matvec(const wgroup *g, int64_t K, const float *x, int64_t M, float *y, int threads) {
+    return apr_matmul_multi(g->n, g->qtypes, g->ws, g->row_bytes, g->Ns, g->biases, K, x, 0, M, y, 0, threads);
 }
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
@@ -106,58 +109,83 @@ static inline void weighted_sum(const float *p, const uint16_t *vc, int64_t hd, 
     for (int u = 0; u < nv; u++) _mm256_storeu_ps(o + i0 + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
 }
 
-/* out (heads, hd) = softmax(q k^T / sqrt(hd)) v over cached positions 0..pos, kv head = head / group.
- * hd is a multiple of 8 (checked by the caller): 8 lanes at a time over the bf16 cache. */
-static void attention(const dlayer *L, const float *q, int64_t pos, float *out, int threads) {
-    const int64_t hd = L->head_dim, group = L->n_heads / L->n_kv, S = L->cache_len;
+/* out (M, heads, hd): row m's softmax(q k^T / sqrt(hd)) v over its slot's cached positions 0..pos[m], kv head =
+ * head / group. hd is a multiple of 8 (checked by the caller): 8 lanes at a time over the bf16 cache.
+ * One parallel loop over (row, head) pairs: a batch of short rows still fills both cores. */
+static void attention(const dlayer *L, const float *q, int64_t M, const int64_t *pos, const int64_t *slot, float *out,
+                      int threads) {
+    const int64_t hd = L->head_dim, H = L->n_heads, group = H / L->n_kv, S = L->cache_len;
+    const int64_t per_slot = L->n_kv * S * hd;
     const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t h = 0; h < L->n_heads; h++) {
-        const uint16_t *kc = L->k_cache + (h / group) * S * hd, *vc = L->v_cache + (h / group) * S * hd;
-        float *p = malloc(sizeof(float) * (size_t)(pos + 1)), mx = -INFINITY, sum = 0;
-        for (int64_t s = 0; s <= pos; s++) {
-            p[s] = dot_bf16(q + h * hd, kc + s * hd, hd) * scale;
+    for (int64_t mh = 0; mh < M * H; mh++) {
+        const int64_t m = mh / H, h = mh % H, P = pos[m];
+        const int64_t off = slot[m] * per_slot + (h / group) * S * hd;
+        const uint16_t *kc = L->k_cache + off, *vc = L->v_cache + off;
+        const float *qh = q + (m * H + h) * hd;
+        float *oh = out + (m * H + h) * hd;
+        float *p = malloc(sizeof(float) * (size_t)(P + 1)), mx = -INFINITY, sum = 0;
+        if (!p) { /* cannot happen for sane sizes; leave zeros rather than crash inside the parallel region */
+            memset(oh, 0, sizeof(float) * (size_t)hd);
+            continue;
+        }
+        for (int64_t s = 0; s <= P; s++) {
+            p[s] = dot_bf16(qh, kc + s * hd, hd) * scale;
             mx = p[s] > mx ? p[s] : mx;
         }
-        for (int64_t s = 0; s <= pos; s++) sum += (p[s] = expf(p[s] - mx));
+        for (int64_t s = 0; s <= P; s++) sum += (p[s] = expf(p[s] - mx));
         for (int64_t i0 = 0; i0 < hd; i0 += 64) {
             const int nv = (int)((hd - i0 < 64 ? hd - i0 : 64) / 8);
             if (nv == 8) /* the usual case (head_dim 64 or 128) */
-                weighted_sum(p, vc, hd, pos, i0, 8, 1.0f / sum, out + h * hd);
+                weighted_sum(p, vc, hd, P, i0, 8, 1.0f / sum, oh);
             else
-                weighted_sum(p, vc, hd, pos, i0, nv, 1.0f / sum, out + h * hd);
+                weighted_sum(p, vc, hd, P, i0, nv, 1.0f / sum, oh);
         }
         free(p);
     }
 }
 
-/* x (dim) float32, the residual stream, in place: x += attn(norm(x)); x += ffn(norm(x)). Token at `pos`;
- * cos/sin: that position's rope row. Returns 0, -1 on bad shapes or weights, -2 out of memory. */
-int apr_decode_layer(const dlayer *L, float *x, int64_t pos, const float *cos, const float *sin, int threads) {
+/* x (M, dim) float32, the residual streams of M sequences, in place: x += attn(norm(x)); x += ffn(norm(x)).
+ * Row m is the token at position pos[m] of the sequence in cache slot slot[m] (distinct slots); cos/sin (M, hdc):
+ * each row's rope row (hdc = hd in halves form, hd/2 for pairs). Returns 0, -1 on bad shapes or weights, -2 out
+ * of memory. M = 1 is the single-sequence step. */
+int apr_decode_layer(const dlayer *L, float *x, int64_t M, const int64_t *pos, const int64_t *slot, const float *cos,
+                     const float *sin, int threads) {
     const int64_t dim = L->dim, hd = L->head_dim, qn = L->n_heads * hd, kvn = L->n_kv * hd, F = L->ffn_dim;
-    if (pos < 0 || pos >= L->cache_len || hd > 1024 || hd % 8 || L->n_heads % L->n_kv) return -1;
-    float *buf = malloc(sizeof(float) * (size_t)(2 * dim + qn + 2 * kvn + qn + 2 * F));
+    const int64_t qkvn = qn + 2 * kvn, hdc = L->neox ? hd : hd / 2, S = L->cache_len;
+    if (M < 1 || hd > 1024 || hd % 8 || L->n_heads % L->n_kv) return -1;
+    for (int64_t m = 0; m < M; m++)
+        if (pos[m] < 0 || pos[m] >= S || slot[m] < 0 || slot[m] >= L->n_slots) return -1;
+    float *buf = malloc(sizeof(float) * (size_t)(M * (2 * dim + qkvn + qn + 2 * F)));
     if (!buf) return -2;
-    float *h = buf, *qkv = h + dim, *att = qkv + qn + 2 * kvn, *gu = att + qn, *o = gu + 2 * F;
+    float *h = buf, *qkv = h + M * dim, *att = qkv + M * qkvn, *gu = att + M * qn, *o = gu + M * 2 * F;
     int rc = 0;
-    rms_norm(x, L->attn_norm, dim, L->eps, h);
-    if ((rc = matvec(&L->qkv, dim, h, qkv, threads))) goto done;
-    float *q = qkv, *k = qkv + qn, *v = qkv + qn + kvn;
-    rope(q, L->n_heads, hd, L->neox, cos, sin);
-    rope(k, L->n_kv, hd, L->neox, cos, sin);
-    for (int64_t j = 0; j < L->n_kv; j++) /* cache layout (n_kv, cache_len, hd) */
-        for (int64_t i = 0; i < hd; i++) {
-            L->k_cache[(j * L->cache_len + pos) * hd + i] = f2bf(k[j * hd + i]);
-            L->v_cache[(j * L->cache_len + pos) * hd + i] = f2bf(v[j * hd + i]);
-        }
-    attention(L, q, pos, att, threads);
-    if ((rc = matvec(&L->out, qn, att, o, threads))) goto done;
-    for (int64_t i = 0; i < dim; i++) x[i] += o[i];
-    rms_norm(x, L->ffn_norm, dim, L->eps, h);
-    if ((rc = matvec(&L->gate_up, dim, h, gu, threads))) goto done;
-    for (int64_t i = 0; i < F; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[F + i]; /* silu(gate) * up */
-    if ((rc = matvec(&L->down, F, gu, o, threads))) goto done;
-    for (int64_t i = 0; i < dim; i++) x[i] += o[i];
+    for (int64_t m = 0; m < M; m++) rms_norm(x + m * dim, L->attn_norm, dim, L->eps, h + m * dim);
+    if ((rc = matvec(&L->qkv, dim, h, M, qkv, threads))) goto done;
+    for (int64_t m = 0; m < M; m++) {
+        float *q = qkv + m * qkvn, *k = q + qn, *v = k + kvn;
+        rope(q, L->n_heads, hd, L->neox, cos + m * hdc, sin + m * hdc);
+        rope(k, L->n_kv, hd, L->neox, cos + m * hdc, sin + m * hdc);
+        uint16_t *kc = L->k_cache + slot[m] * L->n_kv * S * hd, *vc = L->v_cache + slot[m] * L->n_kv * S * hd;
+        for (int64_t j = 0; j < L->n_kv; j++) /* a slot's layout (n_kv, cache_len, hd) */
+            for (int64_t i = 0; i < hd; i++) {
+                kc[(j * S + pos[m]) * hd + i] = f2bf(k[j * hd + i]);
+                vc[(j * S + pos[m]) * hd + i] = f2bf(v[j * hd + i]);
+            }
+        memmove(qkv + m * qn, q, sizeof(float) * (size_t)qn); /* pack the queries (M, qn) for attention */
+    }
+    attention(L, qkv, M, pos, slot, att, threads);
+    if ((rc = matvec(&L->out, qn, att, M, o, threads))) goto done;
+    for (int64_t i = 0; i < M * dim; i++) x[i] += o[i];
+    for (int64_t m = 0; m < M; m++) rms_norm(x + m * dim, L->ffn_norm, dim, L->eps, h + m * dim);
+    if ((rc = matvec(&L->gate_up, dim, h, M, gu, threads))) goto done;
+    for (int64_t m = 0; m < M; m++) { /* silu(gate) * up, row m's gate and up side by side: (M, 2F) -> (M, F) */
+        const float *g = gu + m * 2 * F;
+        float *a = gu + m * F; /* packs in place: a[i] only reads g[i] and g[F + i], both at or after a[i] */
+        for (int64_t i = 0; i < F; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * g[F + i];
+    }
+    if ((rc = matvec(&L->down, F, gu, M, o, threads))) goto done;
+    for (int64_t i = 0; i < M * dim; i++) x[i] += o[i];
 done:
     free(buf);
     return rc;

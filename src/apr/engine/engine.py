@@ -1,0 +1,277 @@
+"""The engine: continuous batching over KV-cache slots. Every command generates through it.
+
+Each step (1) retires cancelled sequences, (2) admits waiting requests into free slots, reusing the longest
+cached prefix any free slot holds (the prefix cache), (3) prefills each admitted prompt's uncached rest, and
+(4) decodes one token for every running sequence in ONE forward (`Transformer.step`), the weights read once
+for the whole batch. Requests join and leave between steps; sampling is per sequence. Which implementation
+runs a step is `Transformer.step_impl`, the one place it is decided; the engine reports it.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import torch
+
+from apr.engine.request import Event, Request, SamplingParams
+from apr.engine.sampling import apply_repeat_penalty, make_sampler, token_logprobs
+from apr.errors import AprError, ContextOverflow
+from apr.model.transformer import Segment
+
+REPEAT_LAST_N = 64
+PREFILL_CHUNK = 512  # rows per prefill forward: bounds the activations of a long prompt
+
+
+class QueueFull(AprError):
+    """More requests wait than the engine's max_queue."""
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    def __init__(self, lm, parallel: int | None = None, max_queue: int = 64):
+        self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
+        self.ctx = lm.config.context_length
+        self.parallel, self.max_queue = max(1, parallel or 1), max_queue
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.slot_tokens: list[list[int]] = [[] for _ in range(self.parallel)]  # whose KV each slot holds
+        self.slot_used = [0.0] * self.parallel
+        self._lock = threading.Lock()  # guards waiting/running between submitters and the step
+        self._step_lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = self._accepting_closed = False
+        self._cache_seen = None
+        self.step_impl = "none"
+        self.counters = collections.Counter()
+        self.last_batch_size = 0
+        self._decode_window: collections.deque = collections.deque(maxlen=64)  # (time, tokens) per decode step
+
+    # ---- submitting ----
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        if not prompt_ids:
+            raise ContextOverflow("the prompt is empty")
+        if len(prompt_ids) >= self.ctx:
+            raise ContextOverflow(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.ctx}")
+        if params.max_tokens < 0:
+            raise AprError(f"max_tokens must be >= 0, got {params.max_tokens}")
+        params.max_tokens = min(params.max_tokens, self.ctx - len(prompt_ids))
+        req = Request(self, prompt_ids, params, self.tok.stream_decoder(), self.tok.stop_ids)
+        req.sampler = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
+        with self._lock:
+            if self._accepting_closed:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
+            self.waiting.append(req)
+            self.counters["requests_total"] += 1
+            self._wakeup.notify_all()
+        return req
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wakeup.notify_all()
+
+    # ---- driving: a background loop (serve) or the caller's thread (commands) ----
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="apr-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.waiting and not self.running:
+                    self._wakeup.wait()
+                if self._stopping and not self.running and not self.waiting:  # drained (or all cancelled)
+                    return
+            self.step()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; with `drain`, let in-flight requests finish (else cancel them); end the loop."""
+        with self._lock:
+            self._accepting_closed = True
+            if not drain:
+                for r in list(self.waiting) + self.running:
+                    r._cancel.set()
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def drive_once(self) -> bool:
+        """Run one step from the caller's thread when no background loop runs; False when it did not."""
+        if self._thread is not None:
+            return False
+        self.step()
+        return True
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self.waiting and not self.running
+
+    # ---- the step ----
+
+    def step(self) -> None:
+        with self._step_lock:
+            try:
+                self._check_cache()
+                self._retire_cancelled()
+                admitted = self._admit()
+                for req in admitted:
+                    self._prefill(req)
+                self._decode([r for r in self.running if r not in admitted])
+            except Exception as e:  # a failed step fails its sequences, never the loop
+                msg = f"{type(e).__name__}: {e}"
+                with self._lock:
+                    for r in self.running:
+                        r.finish("error", error=msg)
+                    self.running = []
+                self.slot_tokens = [[] for _ in range(self.parallel)]
+                if not isinstance(e, (AprError, RuntimeError, ValueError)):
+                    raise
+
+    def _check_cache(self) -> None:
+        """Anything that ran the model outside the engine (trace, parity) may have written slot 0 or replaced the
+        cache: then no slot's contents can be trusted for the prefix cache."""
+        m = self.model
+        seen = (id(m.cache.k) if m.cache is not None else None, getattr(m, "direct_steps", 0))
+        if seen != self._cache_seen:
+            self.slot_tokens = [[] for _ in range(self.parallel)]
+            self._cache_seen = seen
+
+    def _retire_cancelled(self) -> None:
+        with self._lock:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                r.finish("cancelled")
+            for r in [r for r in self.running if r.cancelled]:
+                self._release(r)
+                r.finish("cancelled")
+
+    def _release(self, req: Request) -> None:
+        """Take `req` out of the batch (lock held); its slot keeps its KV for the prefix cache."""
+        if req in self.running:
+            self.running.remove(req)
+        if req.slot is not None:
+            self.slot_tokens[req.slot] = (req.prompt_ids + req.tokens)[: req.fed]
+            self.slot_used[req.slot] = time.perf_counter()
+
+    def _admit(self) -> list[Request]:
+        admitted = []
+        with self._lock:
+            busy = {r.slot for r in self.running}
+            free = [s for s in range(self.parallel) if s not in busy]
+            while free and self.waiting:
+                req = self.waiting.popleft()
+                slot = max(free, key=lambda s: (_common_prefix(self.slot_tokens[s], req.prompt_ids), -self.slot_used[s]))
+                free.remove(slot)
+                reuse = req.params.cache_prompt and not req.params.echo_logprobs
+                hit = 0 if not reuse else _common_prefix(self.slot_tokens[slot], req.prompt_ids)
+                req.slot, req.fed = slot, min(hit, len(req.prompt_ids) - 1)  # >= 1 row to prefill: its logits
+                req.cached_tokens = req.fed
+                req.t_admit = time.perf_counter()
+                self.slot_tokens[slot] = []  # overwritten from here on
+                self.running.append(req)
+                admitted.append(req)
+        if admitted:
+            need = max(len(r.prompt_ids) + r.params.max_tokens for r in self.running)
+            cap = self.model.cache.capacity if self.model.cache is not None else 0
+            if need > cap:
+                grown = max(need, min(2 * cap, self.ctx))  # doubling: a long chat rarely reallocates
+                self.model.setup_cache(grown, slots=self.parallel, keep=True)
+            elif self.model.cache.slots < self.parallel:
+                self.model.setup_cache(cap, slots=self.parallel, keep=True)
+            self._cache_seen = (id(self.model.cache.k), getattr(self.model, "direct_steps", 0))
+        return admitted
+
+    def _prefill(self, req: Request) -> None:
+        ids, start = req.prompt_ids, req.fed
+        echo = req.params.echo_logprobs
+        rows = []
+        for a in range(start, len(ids), PREFILL_CHUNK):
+            b = min(a + PREFILL_CHUNK, len(ids))
+            seg = [Segment(req.slot, a, b - a)]
+            self.step_impl = self.model.step_impl(seg)
+            out = self.model.step(torch.tensor(ids[a:b], dtype=torch.long), seg, all_logits=echo)
+            rows.append(out)
+            req.fed = b
+        self.counters["prompt_tokens_total"] += len(ids) - start
+        self.counters["cached_tokens_total"] += req.cached_tokens
+        logits = torch.cat(rows) if echo else rows[-1]  # (T, vocab) or (1, vocab)
+        if echo:
+            top = req.params.logprobs or 0
+            req.prompt_logprobs = [None] + [token_logprobs(logits[i], ids[i + 1], top) for i in range(len(ids) - 1)]
+        if req.params.max_tokens == 0:
+            with self._lock:
+                self._release(req)
+            req.finish("length")
+            return
+        self._sample(req, logits[-1])
+
+    def _decode(self, batch: list[Request]) -> None:
+        if not batch:
+            return
+        segs = [Segment(r.slot, r.fed, 1) for r in batch]
+        ids = torch.tensor([r.tokens[-1] for r in batch], dtype=torch.long)
+        self.step_impl = self.model.step_impl(segs)
+        logits = self.model.step(ids, segs)  # (B, vocab)
+        for r in batch:
+            r.fed += 1
+        self.last_batch_size = len(batch)
+        self.counters["steps_total"] += 1
+        self.counters[f"batch_size_{len(batch)}"] += 1
+        self._decode_window.append((time.perf_counter(), len(batch)))
+        for r, row in zip(batch, logits):
+            self._sample(r, row)
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> None:
+        history = (req.prompt_ids + req.tokens)[-REPEAT_LAST_N:]
+        logits = apply_repeat_penalty(logits, history, req.params.repeat_penalty)
+        token = req.sampler(logits)
+        lp = top = None
+        if req.params.logprobs is not None:
+            lp, top = token_logprobs(logits, token, req.params.logprobs)
+        self.counters["generated_tokens_total"] += 1
+        if req.on_token(token, lp, top):
+            with self._lock:
+                self._release(req)
+
+    # ---- reporting ----
+
+    def stats(self) -> dict:
+        w = self._decode_window
+        span = w[-1][0] - w[0][0] if len(w) > 1 else 0.0
+        tok_s = sum(n for _, n in list(w)[1:]) / span if span > 0 else 0.0
+        with self._lock:
+            return {**{k: self.counters[k] for k in ("requests_total", "prompt_tokens_total", "generated_tokens_total",
+                                                     "cached_tokens_total", "steps_total")},
+                    "queue_depth": len(self.waiting), "active": len(self.running),
+                    "last_batch_size": self.last_batch_size, "decode_tok_s": round(tok_s, 3),
+                    "step_impl": self.step_impl, "parallel": self.parallel,
+                    "batch_sizes": {int(k.rsplit("_", 1)[1]): v for k, v in self.counters.items()
+                                    if k.startswith("batch_size_")}}
+
+
+def engine_for(lm, parallel: int = 1) -> Engine:
+    """The model's engine (one per loaded model: it owns the model's KV cache), with at least `parallel` slots."""
+    eng = getattr(lm, "engine", None)
+    if eng is None or (eng.parallel < parallel and eng.idle() and eng._thread is None):
+        eng = Engine(lm, parallel)
+        lm.engine = eng
+    return eng
+
+
+__all__ = ["Engine", "Event", "QueueFull", "Request", "SamplingParams", "engine_for"]
