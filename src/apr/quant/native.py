@@ -85,7 +85,7 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"native kernel build failed: {e}"
     lib.apr_supports.argtypes = [ctypes.c_int]
     p = ctypes.c_void_p
-    lib.apr_decode_layer.argtypes = [p, p, ctypes.c_int64, p, p, ctypes.c_int]
+    lib.apr_decode_layer.argtypes = [p, p, ctypes.c_int64, p, p, p, p, ctypes.c_int]  # (layer, x, M, pos, slot, cos, sin, threads)
     lib.apr_dequant.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int]
     lib.apr_matmul_multi.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int64, p, ctypes.c_int, ctypes.c_int64,
                                      p, ctypes.c_int, ctypes.c_int]
