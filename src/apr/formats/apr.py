@@ -54,23 +54,31 @@ class AprTensor(RawTensor):
 
 
 class _Background:
-    """Runs the checksums on a thread; calling it waits and re-raises their error (as a fresh BadModelFile)."""
+    """Runs the checksums on a thread; calling it waits and re-raises their error (as a fresh BadModelFile).
 
-    def __init__(self, fn: Callable[[], None]):
+    It fails closed: the tensors count as verified only if the check ran to its end, so any other error
+    on the thread (an I/O error on the mapping, MemoryError, a bug) refuses the file too."""
+
+    def __init__(self, fn: Callable[[], None], path: Path | None = None):
         self._error: str | None = None
+        self._passed = False
+        self._path = path
         self._thread = threading.Thread(target=self._run, args=(fn,), name="apr-verify", daemon=True)
         self._thread.start()
 
     def _run(self, fn: Callable[[], None]) -> None:
         try:
             fn()
+            self._passed = True
         except BadModelFile as e:
             self._error = str(e)
+        except BaseException as e:  # noqa: BLE001  (reported to the reader of the tensors, never swallowed)
+            self._error = f"{self._path}: checksum verification failed: {type(e).__name__}: {' '.join(str(e).split())}"
 
     def __call__(self) -> None:
         self._thread.join()
-        if self._error:
-            raise BadModelFile(self._error)
+        if self._error or not self._passed:
+            raise BadModelFile(self._error or f"{self._path}: checksum verification did not finish")
 
 
 @dataclass
@@ -123,7 +131,7 @@ def open_apr(path: str | Path, verify: str | bool = True) -> AprFile:
     jobs = crc_jobs(data, entries, described, start, path)
     wait = None
     if verify == "background":
-        wait = _Background(lambda: verify_tensors(jobs, path))
+        wait = _Background(lambda: verify_tensors(jobs, path), path)
     elif verify:
         verify_tensors(jobs, path)
     tensors = _tensors(data, entries, described, start, path, wait)

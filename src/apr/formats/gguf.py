@@ -7,6 +7,7 @@ Every way a file can be broken ends in BadModelFile with one line, never a numpy
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
 _MAX_COUNT = 1 << 28  # no honest GGUF has more entries than this; a hostile count must not allocate
+_MAX_DEPTH = 4  # arrays of arrays nest this deep at most (GGUF writers emit one level)
 
 
 _U64 = struct.Struct("<Q")
@@ -105,19 +107,23 @@ class _Cursor:
         self.pos = pos
         return out
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= _MAX_DEPTH:  # the recursion below must end in BadModelFile, not RecursionError
+                raise BadModelFile(f"{self.path}: arrays nested more than {_MAX_DEPTH} deep at offset {self.pos}")
             sub, n = self.scalar("<I"), self.count()
             if sub == _STRING:
                 return self.strings(n)
             if sub in _NUMPY:
                 dt = np.dtype(_NUMPY[sub])
                 return np.frombuffer(self.take(n * dt.itemsize), dtype=dt).tolist()
-            return [self.value(sub) for _ in range(n)]
+            if sub == _ARRAY and 12 * n > self.end - self.pos:  # each inner array takes 12 bytes at least
+                raise BadModelFile(f"{self.path}: implausible count {n} of arrays at offset {self.pos - 8}")
+            return [self.value(sub, depth + 1) for _ in range(n)]
         raise BadModelFile(f"{self.path}: unknown GGUF value type {vtype} at offset {self.pos}")
 
 
@@ -159,7 +165,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
             raise BadModelFile(f"{path}: tensor {name} has {n_dims} dimensions")
         ne = [cur.scalar("<Q") for _ in range(n_dims)]
         infos.append((name, ne, cur.scalar("<I"), cur.scalar("<Q")))
-    align = int(metadata.get("general.alignment", 32) or 32)
+    align = metadata.get("general.alignment", 32)
+    if type(align) is not int or not 1 <= align <= 1 << 30:  # bool, float, string, list: all lies
+        raise BadModelFile(f"{path}: general.alignment {align!r} is not a positive integer")
     start = (cur.pos + align - 1) // align * align
     return GGUFFile(path, metadata, _tensors(data, infos, start, path))
 
@@ -174,7 +182,7 @@ def _tensors(data: np.ndarray, infos: list, start: int, path: Path) -> dict[str,
         block, type_size = GGML_QUANT_SIZES[qtype]
         if any(d <= 0 or d > _MAX_COUNT for d in ne) or ne[0] % block:
             raise BadModelFile(f"{path}: tensor {name} has a bad shape {ne} for its type")
-        n_bytes = ne[0] // block * type_size * int(np.prod(ne[1:], dtype=np.int64))
+        n_bytes = ne[0] // block * type_size * math.prod(ne[1:])  # Python ints: 4-D shapes cannot wrap to 0
         begin = start + offset
         if begin + n_bytes > len(data):
             raise BadModelFile(f"{path}: tensor {name} runs past the end of the file (truncated?)")
@@ -192,7 +200,7 @@ def _get(meta: dict, key: str, default: Any = ..., kind=None):
     if kind is not None:
         try:
             return kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise BadModelFile(f"GGUF metadata '{key}' has a bad value: {value!r}") from None
     return value
 

@@ -48,21 +48,42 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    """Compile once per (source, flags, compiler); the file appears atomically, so racing builds are safe."""
+    """Compile once per (source, flags, compiler): the name carries their hash, and a sidecar the sha256
+    of the .so itself, written at build time and checked before every load, so a library that is not the
+    one apr built (replaced, truncated, left by another version) is rebuilt, never loaded. Both files appear
+    atomically; a racing build at worst sees a pair in mid-swap and builds again."""
     src = b"".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     out = hub.apr_home() / "kernels" / f"ggml_matvec-{key}.so"
-    if out.exists():
+    if _verified(out):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
         r = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(so), "-lm"], capture_output=True, text=True)
         if r.returncode:
             raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        sidecar = so.with_name(so.name + ".sha256")
+        sidecar.write_text(hashlib.sha256(so.read_bytes()).hexdigest() + "\n")
+        os.replace(sidecar, _sidecar(out))
         os.replace(so, out)
+    if not _verified(out):
+        raise OSError(f"{out} does not match its sha256 right after the build")
     return out
+
+
+def _sidecar(so: Path) -> Path:
+    return so.with_name(so.name + ".sha256")
+
+
+def _verified(so: Path) -> bool:
+    """True when `so` exists and its bytes hash to the sha256 recorded when apr built it."""
+    try:
+        want = _sidecar(so).read_text().strip()
+        return hashlib.sha256(so.read_bytes()).hexdigest() == want
+    except OSError:
+        return False
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -110,6 +131,30 @@ def supports(qtype: int) -> bool:
     return lib is not None and bool(lib.apr_supports(int(qtype)))
 
 
+def _check_rows(raw2d: torch.Tensor, qtype: int, n: int, bias: torch.Tensor | None) -> int:
+    """Row bytes of a weight the kernels may read: (n, row_bytes) uint8 rows on the CPU, rows contiguous."""
+    from gguf import GGML_QUANT_SIZES
+
+    if int(qtype) not in GGML_QUANT_SIZES:
+        raise ValueError(f"native kernels: unknown ggml type {qtype}")
+    if (raw2d.dim() != 2 or raw2d.dtype != torch.uint8 or raw2d.device.type != "cpu" or raw2d.stride(1) != 1
+            or not 0 < n <= raw2d.shape[0]):
+        raise ValueError(f"native kernels: weight rows must be (>= {n}, row_bytes) uint8 on the CPU with "
+                         f"contiguous rows, got {tuple(raw2d.shape)} {raw2d.dtype} strides {raw2d.stride()}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"native kernels: bias has {bias.numel()} values for {n} outputs")
+    return int(raw2d.shape[1])
+
+
+def _check_k(qtype: int, k: int, row_bytes: int, what: str = "native matmul failed") -> None:
+    from gguf import GGML_QUANT_SIZES
+
+    block, type_size = GGML_QUANT_SIZES[int(qtype)]
+    if k <= 0 or k % block or k // block * type_size > row_bytes:
+        raise RuntimeError(f"{what}: K={k} does not fit a row of {row_bytes} bytes of ggml type {qtype} "
+                         f"({block} values per {type_size}-byte block)")
+
+
 def _ptrs(ctype, values) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
@@ -119,6 +164,7 @@ class Group:
     the CPU, ggml type, N, float32 bias (N,) or None) each. `__call__` is one native call."""
 
     def __init__(self, weights: list[tuple[torch.Tensor, int, int, torch.Tensor | None]]):
+        self.row_bytes = [_check_rows(r, t, n, b) for r, t, n, b in weights]
         self.biases = [None if b is None else b.float().contiguous() for *_, b in weights]  # kept alive
         self.sizes = [n for _, _, n, _ in weights]
         self.n_out = sum(self.sizes)
@@ -128,10 +174,16 @@ class Group:
                      _ptrs(ctypes.c_int64, self.sizes),
                      _ptrs(ctypes.c_void_p, [None if b is None else b.data_ptr() for b in self.biases]))
         self.raws = [r for r, *_ in weights]  # the pointers above stay valid while these live
+        self.types = [int(t) for _, t, _, _ in weights]
+        self._k_checked = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) float32 or bfloat16 -> (..., N_0 + N_1 + ...) in x's dtype: each weight's outputs side by side."""
         k = x.shape[-1]
+        if k != self._k_checked:  # the kernel reads K // block blocks of every row: never past one
+            for qtype, row_bytes in zip(self.types, self.row_bytes):
+                _check_k(qtype, k, row_bytes)
+            self._k_checked = k
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
         x2 = x.reshape(-1, k).contiguous()  # (..., K) -> (M, K)
@@ -152,6 +204,8 @@ def matmul(x: torch.Tensor, raw2d: torch.Tensor, qtype: int, n_out: int, bias: t
 def dequantize(raw2d: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
     """ggml rows raw2d (N, row_bytes) uint8 on the CPU -> float32 (N, cols), bit-identical to
     apr.quant.table.dequantize (same operations in the same order), several times faster (prefill tiles)."""
+    _check_k(qtype, cols, _check_rows(raw2d, qtype, raw2d.shape[0] if raw2d.dim() == 2 else 0, None),
+             "native dequantize failed")
     out = torch.empty(raw2d.shape[0], cols, dtype=torch.float32)
     rc = _load()[0].apr_dequant(int(qtype), raw2d.data_ptr(), raw2d.stride(0), raw2d.shape[0], cols, out.data_ptr(),
                                 torch.get_num_threads())
