@@ -11,7 +11,7 @@ import pytest
 
 class LiveServer:
     def __init__(self, lm, parallel: int = 4, max_queue: int = 16, api_key: str | None = None,
-                 cors: list[str] | None = None):
+                 cors: list[str] | None = None, start: bool = True):
         import uvicorn
 
         from apr.engine import Engine
@@ -20,7 +20,8 @@ class LiveServer:
         from apr.serve.server import bind, url_of
 
         self.engine = Engine(lm, parallel=parallel, max_queue=max_queue)
-        self.engine.start()
+        if start:  # not started: requests wait in the queue until engine.start()
+            self.engine.start()
         self.state = ServeState(model_id="tiny", api_key=api_key, lm=lm, engine=self.engine)
         sock = bind("127.0.0.1", 0)
         self.url = url_of(sock)

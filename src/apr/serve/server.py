@@ -44,6 +44,29 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _server_class():
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's, except that a drained shutdown exits 0 (uvicorn re-raises the signal once done)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
 def start_engine(lm, parallel: int | None, max_queue: int):
     from apr.engine import Engine
 
@@ -63,7 +86,7 @@ def serve(args) -> int:
     sock = bind(args.host, args.port)
     url = url_of(sock)
     state = ServeState(model_id=model_name(args.model), api_key=args.api_key)
-    server: uvicorn.Server | None = None
+    server = None
     failed = threading.Event()
 
     def load():
@@ -91,7 +114,7 @@ def serve(args) -> int:
     app = CatchAll(create_app(state, args.cors_origin, lifespan))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=None,
                             timeout_keep_alive=5, lifespan="on")
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     print(f"apr serve: loading {state.model_id}; listening on {url} (/health answers 503 until ready)",
           file=sys.stderr, flush=True)
     server.run(sockets=[sock])
