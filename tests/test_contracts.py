@@ -104,14 +104,22 @@ def test_resolves_prefixes():
 
 def test_lint_strict_binding(tmp_path, capsys):
     """One pytest --collect-only run over this file: real bindings resolve, a made-up one does not."""
-    write(tmp_path, TEXT, "good.yaml")
-    bad = TEXT.replace("tests/test_contracts.py::test_status_percentage", "tests/test_contracts.py::test_does_not_exist")
+    good = TEXT.replace("    check:\n", "    falsified_by: tests/test_contracts.py::test_verdict_language\n    check:\n")
+    write(tmp_path, good, "good.yaml")
+    bad = good.replace("tests/test_contracts.py::test_status_percentage", "tests/test_contracts.py::test_does_not_exist")
     write(tmp_path, bad, "bad.yaml")
     rc = main(["lint", str(tmp_path / "contracts"), "--strict-test-binding", "--rootdir", str(REPO), "--json"])
     files = {Path(f["file"]).name: f for f in json.loads(capsys.readouterr().out)["files"]}
     assert rc == 1 and files["good.yaml"]["ok"] and files["good.yaml"]["diagnostics"] == []
     (d,) = files["bad.yaml"]["diagnostics"]
-    assert (d["code"], d["line"]) == ("PV-E016", 55) and "test_does_not_exist" in d["message"]
+    assert (d["code"], d["line"]) == ("PV-E016", 58) and "test_does_not_exist" in d["message"]
+
+
+def test_lint_strict_needs_falsified_by(tmp_path, capsys):
+    path = write(tmp_path, TEXT)  # the fixture names no falsified_by test
+    assert main(["lint", str(path), "--strict-test-binding", "--rootdir", str(REPO)]) == 1
+    assert capsys.readouterr().out.count("PV-E023") == 4
+    assert main(["lint", str(path), "--rootdir", str(REPO)]) == 0  # without --strict it is not required
 
 
 def test_lint_missing_file_is_a_warning_without_strict(tmp_path, capsys):

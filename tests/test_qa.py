@@ -84,11 +84,13 @@ def test_tiny_static_gates_pass_and_json_shape(tiny_qwen, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0, doc["summary"]
     assert set(doc) == {"model", "model_sha256", "passed", "gates", "gates_executed", "gates_skipped",
-                        "total_duration_ms", "timestamp", "summary", "system_info"}
+                        "gates_passed", "gates_failed", "skipped_gates", "total_duration_ms", "timestamp", "summary", "system_info"}
     assert [g["name"] for g in doc["gates"]] == list(GATE_NAMES)
     assert set(doc["gates"][0]) == {"name", "passed", "skipped", "message", "value", "threshold", "duration_ms"}
     assert doc["passed"] and doc["gates_executed"] == 5 and doc["gates_skipped"] == 7
+    assert doc["gates_passed"] == 5 and doc["gates_failed"] == 0 and len(doc["skipped_gates"]) == 7
     assert all(g["passed"] for g in doc["gates"] if not g["skipped"])
+    assert not any(g["passed"] for g in doc["gates"] if g["skipped"])  # a skip never counts as a pass
 
 
 def test_min_executed_and_table(tiny_qwen, capsys):
@@ -187,12 +189,21 @@ def _with_speed(lm, tok_s: float) -> QAContext:
     return ctx
 
 
+def _save_passing(lm, tok_s: float) -> None:
+    """A saved run whose performance_regression passed at tok_s: the history's baseline."""
+    from apr.qa.report import GateResult, QAReport, save
+
+    gate = GateResult("performance_regression", True, False, "ok", tok_s, tok_s * 0.9)
+    save(QAReport(str(lm.path), lm.sha256, [gate], 1.0, {"dtype": lm.dtype, "backend": lm.backend}))
+
+
 def test_performance_regression_baseline_then_drop(tiny_qwen):
     lm = load_model(tiny_qwen, quiet=True)
     only = ["throughput", "performance_regression"]
     first = gates(run_qa(ctx=_with_speed(lm, 100.0), only=only))["performance_regression"]
-    assert first.passed and "baseline recorded" in first.message
-    assert baseline(lm.sha256, lm.dtype, lm.backend)["decode_tok_s"] == 100.0
+    assert first.skipped and not first.passed and "no baseline" in first.message  # nothing to compare with
+    assert baseline(lm.sha256, lm.dtype, lm.backend) is None  # a skipped gate is not a baseline
+    _save_passing(lm, 100.0)
     slow = gates(run_qa(ctx=_with_speed(lm, 85.0), only=only))["performance_regression"]
     assert not slow.passed and slow.threshold == 90.0 and "-15.0%" in slow.message
     # a failed run is not a baseline: the next run is still measured against 100
@@ -214,7 +225,7 @@ def test_live_gates_on_tiny(tiny_qwen):
     g = gates(run_qa(tiny_qwen, QAOptions(min_tps=0.5), skip=["reference_parity"], keep=False))
     assert not g["golden_output"].passed and "gibberish" in g["golden_output"].message
     assert g["backend_parity"].skipped == (not torch.cuda.is_available())
-    failed = [n for n, r in g.items() if not r.passed and n != "golden_output"]
+    failed = [n for n, r in g.items() if not r.passed and not r.skipped and n != "golden_output"]
     assert not failed, [g[n].message for n in failed]
     assert "identical greedy tokens" in g["format_parity"].message
 
@@ -235,7 +246,7 @@ def test_reference_parity_skips_without_transformers(tiny_qwen, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "transformers" else real(name, *a))
     g = gates(run_qa(tiny_qwen, only=["reference_parity"], keep=False))["reference_parity"]
-    assert g.skipped and g.passed and "transformers is not installed" in g.message
+    assert g.skipped and not g.passed and "transformers is not installed" in g.message
 
 
 @pytest.mark.reference
@@ -319,7 +330,7 @@ def test_real_model_passes_every_gate(real_lm):
     elsewhere = ["throughput", "performance_regression", "reference_parity", "format_parity"]
     report = run_qa(ctx=QAContext.with_model(real_lm, QAOptions(real_lm.dtype, real_lm.backend)), skip=elsewhere,
                     keep=False)
-    failed = [f"{g.name}: {g.message}" for g in report.gates if not g.passed]
+    failed = [f"{g.name}: {g.message}" for g in report.gates if not g.passed and not g.skipped]
     assert report.passed, failed
     skipped = {g.name for g in report.gates if g.skipped}
     assert skipped - set(elsewhere) <= {"backend_parity"}

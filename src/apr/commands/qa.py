@@ -25,6 +25,8 @@ def setup_parser(p):
     p.add_argument("--min-tps", type=float, default=10.0, help="throughput floor in decode tok/s (default 10)")
     p.add_argument("--min-executed", type=int, default=0, metavar="N",
                    help="fail unless at least N gates executed (skips do not count)")
+    p.add_argument("--baseline", metavar="PATH", help="performance baseline: a folder of <isa_class>.json files "
+                   "(this machine's class is used) or one such file (default: the last saved run; none: SKIP)")
     p.add_argument("--no-save", action="store_true",
                    help="do not add this run to $APR_HOME/qa-reports (the performance baseline history)")
     p.epilog = ("gates, in order: " + "; ".join(f"{g.name} ({g.what})" for g in GATES)
@@ -36,7 +38,8 @@ def main(args):
     from apr.qa import QAOptions, run_qa
     from apr.qa.report import format_table
 
-    options = QAOptions(dtype=args.dtype, backend=args.backend, min_tps=args.min_tps, quiet=args.json)
+    options = QAOptions(dtype=args.dtype, backend=args.backend, min_tps=args.min_tps, quiet=args.json,
+                        baseline=args.baseline)
     progress = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     report = run_qa(args.model, options, only=args.only or None, skip=args.skip or None,
                     min_executed=args.min_executed, progress=progress, keep=not args.no_save)

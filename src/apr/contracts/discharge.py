@@ -203,7 +203,8 @@ def discharge(contract: Path, cid: str, model: str | None = None, evidence_root:
     status = "DISCHARGED" if ok else "FALSIFIED"
     root = ev.contract_root(Path(evidence_root) if evidence_root else base_dir(contract) / "evidence", contract)
     record = _record(contract, crit, meta, status, artifact, actual, run, doc, steps, observed, facts)
-    folder = ev.write_folder(root.resolve(), cid, ev.today(), lambda eid: _files(eid, record, run, doc))
+    attached = ev.attached_files(doc, base_dir(contract))
+    folder = ev.write_folder(root.resolve(), cid, ev.today(), lambda eid: _files(eid, record, run, doc, attached))
     rel = os.path.relpath(folder / ev.EVIDENCE_FILE, base_dir(contract)).replace(os.sep, "/")
     live = _live(facts, artifact, actual, crit.check.command, run, doc, observed, ok)
     version = update_contract(contract, cid, status, rel, live, ev.today())
@@ -269,8 +270,8 @@ def _record(contract, crit, meta, status, artifact, actual, run, doc, steps, obs
     }
 
 
-def _files(evidence_id: str, record: dict, run: Run, doc: dict) -> dict[str, str]:
-    files = {"stdout.txt": run.stdout, "stderr.txt": run.stderr, **ev.extracted_files(doc)}
+def _files(evidence_id: str, record: dict, run: Run, doc: dict, attached: dict | None = None) -> dict:
+    files = {"stdout.txt": run.stdout, "stderr.txt": run.stderr, **ev.extracted_files(doc), **(attached or {})}
     body = {"evidence_id": evidence_id, **record, "files": sorted([ev.EVIDENCE_FILE, *files])}
     return {ev.EVIDENCE_FILE: json.dumps(body, indent=2, default=str) + "\n", **files}
 

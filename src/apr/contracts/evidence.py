@@ -147,6 +147,28 @@ def extracted_files(doc: dict) -> dict[str, str]:
     }
 
 
+MAX_ATTACHED = 64 << 20  # bytes per attached file, before compression
+
+
+def attached_files(doc: dict, cwd: Path) -> dict[str, bytes]:
+    """Files a check names in its output's `evidence_files` (e.g. HumanEval's samples and per-task
+    verdicts), copied into the evidence; .jsonl files gzip-compressed (name.jsonl.gz)."""
+    import gzip
+
+    out: dict[str, bytes] = {}
+    names = doc.get("evidence_files")
+    for item in names if isinstance(names, list) else []:
+        path = Path(cwd) / str(item)
+        if not path.is_file() or path.stat().st_size > MAX_ATTACHED:
+            continue
+        data = path.read_bytes()
+        if path.suffix == ".jsonl":
+            out[path.name + ".gz"] = gzip.compress(data, mtime=0)
+        else:
+            out[path.name] = data
+    return out
+
+
 def folder_name(cid: str, date: str, n: int) -> str:
     return f"{cid}-{date}" if n == 1 else f"{cid}-{date}-{n}"
 
@@ -170,7 +192,10 @@ def write_folder(root: Path, cid: str, date: str, build: Callable[[str], dict[st
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
         try:
             for fname, content in build(name).items():
-                (tmp / fname).write_text(content, encoding="utf-8")
+                if isinstance(content, bytes):
+                    (tmp / fname).write_bytes(content)
+                else:
+                    (tmp / fname).write_text(content, encoding="utf-8")
             os.chmod(tmp, 0o755)  # mkdtemp makes 0700; evidence is meant to be read
             if _rename_new(tmp, root / name):
                 return root / name

@@ -54,12 +54,24 @@ def bindings(result: Result) -> list[Binding]:
         return []
     out = []
     for line, crit in criteria_nodes(result.loaded.data):
-        test, cid = crit.get("test"), str(crit.get("id", "?"))
-        if isinstance(test, str):
-            out.append(Binding(result.path, crit.lc.key("test")[0] + 1, cid, test))
-        elif isinstance(test, CommentedSeq):
-            out += [Binding(result.path, test.lc.item(i)[0] + 1, cid, t) for i, t in enumerate(test) if isinstance(t, str)]
+        cid = str(crit.get("id", "?"))
+        for key in ("test", "falsified_by"):
+            test = crit.get(key)
+            if isinstance(test, str):
+                out.append(Binding(result.path, crit.lc.key(key)[0] + 1, cid, test))
+            elif isinstance(test, CommentedSeq):
+                out += [Binding(result.path, test.lc.item(i)[0] + 1, cid, t) for i, t in enumerate(test) if isinstance(t, str)]
     return out
+
+
+def unfalsifiable(result: Result) -> None:
+    """PV-E023: with --strict-test-binding every criterion must name a test that plants its fault."""
+    if result.loaded is None:
+        return
+    for line, crit in criteria_nodes(result.loaded.data):
+        if not crit.get("falsified_by"):
+            result.diagnostics.append(diag(result.path, line, "PV-E023", f"{crit.get('id', '?')}: no falsified_by: name "
+                                           "the test that plants this criterion's fault and sees its check FALSIFIED"))
 
 
 def _file_of(node_id: str) -> str:
@@ -92,6 +104,9 @@ def resolves(node_id: str, ids: set[str]) -> bool:
 
 def lint(paths: list[Path], strict: bool = False, rootdir: Path | None = None) -> list[Result]:
     results = [validate_file(p) for p in paths]
+    if strict:
+        for r in results:
+            unfalsifiable(r)
     found = [b for r in results for b in bindings(r)]
     if not found:
         return results

@@ -217,11 +217,28 @@ def _force_remove(func, path, _exc):
 
 _ISOLATION = None
 
+# isolation levels, strongest first: "namespaces" (root: its own uid, network, mount, pid and ipc
+# namespaces, read-only filesystem); "user-namespaces" (not root: the same namespaces and read-only mounts
+# inside a user namespace, but the program keeps our uid); "audit-hook" (only the in-interpreter guard and
+# rlimits); "none".
+LEVELS = ("namespaces", "user-namespaces", "audit-hook", "none")
+
+
+def isolation_level(iso: dict) -> str:
+    kernel = all(iso.get(k) for k in ("netns", "mountns", "pidns", "readonly_fs"))
+    if kernel and iso.get("uid") is not None and not iso.get("userns"):
+        return "namespaces"
+    if kernel:
+        return "user-namespaces"
+    return "audit-hook" if iso.get("guard") else "none"
+
 
 def isolation_report() -> dict:
     """Which isolation layers take effect on this machine (runs one trivial program, once)."""
     global _ISOLATION
     if _ISOLATION is None:
         r = run_program("pass", timeout_s=10)
-        _ISOLATION = dict(r.isolation, works=r.passed)
+        _ISOLATION = dict(r.isolation, works=r.passed, level=isolation_level(r.isolation))
+        for k in ("launcher_pid", "tempdir"):  # per-run facts, not the machine's isolation
+            _ISOLATION.pop(k, None)
     return _ISOLATION

@@ -199,6 +199,8 @@ def _lockdown(libc, cfg, iso):
 def _isolate(cfg):
     iso = {"uid": None, "netns": False, "mountns": False, "pidns": False, "ipcns": False,
            "readonly_fs": False, "tmpfs_work": False, "guard": cfg["guard"]}
+    if cfg["kernel"] and sys.platform.startswith("linux") and os.geteuid() != 0:
+        iso["userns"] = _enter_userns()  # not root: become root of a new user namespace where allowed
     if cfg["kernel"] and sys.platform.startswith("linux") and os.geteuid() == 0:
         libc = _libc()
         for name, flag in _NS:
@@ -216,6 +218,21 @@ def _isolate(cfg):
         for d in (cfg["work"], os.path.join(cfg["work"], "tmp")):
             os.chown(d, iso["uid"], iso["uid"])
     return iso
+
+
+def _enter_userns():
+    """unshare(CLONE_NEWUSER) and map our uid/gid to 0 inside: the namespaces and mounts below then work
+    for a non-root user (kernels with unprivileged user namespaces); False where the kernel refuses."""
+    uid, gid = os.geteuid(), os.getegid()
+    if _libc().unshare(0x10000000) != 0:
+        return False
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError:
+        return False
+    return os.geteuid() == 0
 
 
 def _exit_code(status):

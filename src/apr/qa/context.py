@@ -33,6 +33,7 @@ class QAOptions:
     backend: str = "auto"
     min_tps: float = 10.0
     quiet: bool = True
+    baseline: str | None = None  # a committed baseline file or folder (apr.qa.baseline); None: saved runs
 
 
 @dataclass

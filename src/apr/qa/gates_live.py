@@ -3,7 +3,7 @@
     golden_output           greedy answers through the template are right and read as text
     throughput              decode tok/s >= --min-tps
     state_isolation         A, B, A again: A' == A and B != A (nothing leaks between requests)
-    performance_regression  decode tok/s within 10% of the last saved run of the same model
+    performance_regression  decode tok/s within 10% of the baseline (apr.qa.baseline); no baseline: SKIP
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ def _code_parses(prompt: str, text: str) -> tuple[bool, str]:
     from apr.evals.code import ast_summary, extract_code
 
     s = ast_summary(extract_code(prompt, text))
-    if s["ok"]:
-        return True, f"code parses (defines {', '.join(s['functions']) or 'no function'})"
-    return False, f"code does not parse: {s['error']['msg']} (line {s['error']['line']})"
+    if not s["ok"]:
+        return False, f"code does not parse: {s['error']['msg']} (line {s['error']['line']})"
+    if "fib" not in s["functions"]:  # parsing alone passes prose in a comment or an empty block
+        return False, f"code parses but defines no function fib (defines {', '.join(s['functions']) or 'nothing'})"
+    return True, f"code parses and defines fib ({', '.join(s['functions'])})"
 
 
 # (prompt, max tokens, check); a chat model answers the code prompt in a fenced block, so it needs room
@@ -123,15 +125,12 @@ MAX_DROP = 0.10
 
 
 def performance_regression(ctx) -> Outcome:
-    from apr.qa.report import baseline
+    from apr.qa.baseline import find_baseline
 
     lm = ctx.lm
+    base = find_baseline(ctx.options.baseline, lm.sha256, lm.dtype, lm.backend)  # Skip when there is none
     now = round(decode_speed(ctx)["decode_tok_s"], 3)
-    base = baseline(lm.sha256, lm.dtype, lm.backend)
-    if base is None:
-        return Outcome(True, f"baseline recorded: {now:.2f} tok/s ({lm.backend}, {lm.dtype}); "
-                             "later runs fail on a drop over 10%", value=now)
     floor = round(base["decode_tok_s"] * (1 - MAX_DROP), 3)
     change = now / base["decode_tok_s"] - 1 if base["decode_tok_s"] > 0 else 0.0
-    msg = f"{now:.2f} tok/s vs {base['decode_tok_s']:.2f} on {base['timestamp']} ({change:+.1%})"
+    msg = f"{now:.2f} tok/s vs {base['decode_tok_s']:.2f} ({base['source']}; {change:+.1%})"
     return Outcome(now >= floor, msg, value=now, threshold=floor)

@@ -49,6 +49,7 @@ class QAReport:
 
     @property
     def passed(self) -> bool:
+        """Every executed gate passed (and enough executed); a skip is neither a pass nor a failure."""
         return all(g.passed for g in self.executed) and len(self.executed) >= self.min_executed
 
     @property
@@ -66,6 +67,9 @@ class QAReport:
             "model": self.model, "model_sha256": self.model_sha256, "passed": self.passed,
             "gates": [_clean(asdict(g)) for g in self.gates],
             "gates_executed": len(self.executed), "gates_skipped": len(self.gates) - len(self.executed),
+            "gates_passed": sum(g.passed for g in self.executed),
+            "gates_failed": sum(not g.passed for g in self.executed),
+            "skipped_gates": [g.name for g in self.gates if g.skipped],
             "total_duration_ms": round(self.total_duration_ms, 1), "timestamp": self.timestamp,
             "summary": self.summary, "system_info": self.system_info,
         }
