@@ -50,11 +50,16 @@ def setup_parser(p):
     p.add_argument("--max-queue", type=_non_negative, default=64,
                    help="requests that may wait for a slot; beyond that the server answers 503 (default 64)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from this origin (repeatable; '*' for any); no CORS without it")
 
 
 def main(args):
+    import os
+
+    if args.threads:  # before torch loads: OpenMP reads it once, for every thread the engine runs on
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from apr.serve.server import serve
 
     return serve(args)

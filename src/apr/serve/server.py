@@ -91,6 +91,10 @@ def serve(args) -> int:
 
     def load():
         try:
+            if getattr(args, "threads", None):
+                import torch
+
+                torch.set_num_threads(args.threads)
             lm = load_model(path, dtype=args.dtype, backend=args.backend, quiet=True)
             engine = start_engine(lm, args.parallel, args.max_queue)
             state.lm, state.engine = lm, engine  # the engine last: it is what "ready" means
