@@ -148,6 +148,27 @@ def test_completions_echo_logprobs_score_the_prompt(client, ref_lm, max_tokens):
     assert resp.usage.prompt_tokens == len(ids)
 
 
+def test_lm_eval_harness_loglikelihood_request(live, ref_lm):
+    """The payload lm-evaluation-harness's local-completions model sends for loglikelihood (a batch of token-id
+    prompts, max_tokens 1, logprobs 1, echo), read back the way its parse_logprobs reads it."""
+    tok = ref_lm.tokenizer
+    pairs = [("the theme is", " in the details"), ("def add(a, b):", " return a + b")]
+    batch = [tok.encode(c) + tok.encode(x) for c, x in pairs]
+    body = {"model": "tiny", "prompt": batch, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    out = httpx.post(live.url + "/v1/completions", json=body, timeout=60).json()
+    for choice, (ctx, _), ids in zip(sorted(out["choices"], key=lambda c: c["index"]), pairs, batch):
+        n = len(tok.encode(ctx))
+        lps, tops = choice["logprobs"]["token_logprobs"][n:-1], choice["logprobs"]["top_logprobs"][n:-1]
+        ref = _prompt_logprobs(ref_lm, ids)[n - 1:]
+        assert sum(lps) == pytest.approx(sum(ref), abs=1e-3)
+        ref_lm.model.setup_cache(len(ids) + 1)
+        with torch.no_grad():
+            argmax = ref_lm.model(torch.tensor(ids), 0, all_logits=True).argmax(-1).tolist()
+        greedy = all(lp == max(top.values()) for lp, top in zip(lps, tops))  # lm-eval's exact comparison
+        assert greedy == all(argmax[i - 1] == ids[i] for i in range(n, len(ids)))
+
+
 def test_completions_string_prompt_and_stream(client, ref_lm):
     ref = generate(ref_lm, PROMPTS[3], chat=False, max_tokens=10)
     resp = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=10, temperature=0,
