@@ -128,6 +128,16 @@ def test_full_queue_answers_503_with_retry_after(lm):
         server.close()
 
 
+def test_a_bug_is_a_json_500_without_traceback(live, monkeypatch):
+    def broken(ids, params):
+        raise ValueError("planted fault")
+
+    monkeypatch.setattr(live.state, "engine", type("E", (), {"submit": staticmethod(broken), "step_impl": "x"})())
+    r = post(live, "/v1/chat/completions", chat_body())
+    err = assert_error(r, 500, None, "ValueError")
+    assert err["code"] == "internal_error" and "planted" not in r.text
+
+
 def test_health_metrics_tokenize(live, lm):
     r = httpx.get(live.url + "/health", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "ok"

@@ -49,6 +49,8 @@ def setup_parser(p):
                    help="most sequences decoded together, one KV slot each (default: sized to the context and memory)")
     p.add_argument("--max-queue", type=_non_negative, default=64,
                    help="requests that may wait for a slot; beyond that the server answers 503 (default 64)")
+    p.add_argument("--max-tokens", type=_positive, default=4096,
+                   help="tokens a request may generate when it sets no limit (default 4096; never past the context)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",

@@ -25,6 +25,7 @@ class ServeState:
     model_id: str
     api_key: str | None = None
     retry_after: int = 1
+    default_max_tokens: int = 4096
     lm: object = None
     engine: object = None
     load_error: str | None = None
@@ -113,6 +114,10 @@ def create_app(state: ServeState, cors_origins: list[str] | None = None, lifespa
 
 
 def _add_routes(app: FastAPI) -> None:
+    @app.get("/")
+    async def root():  # Ollama answers its root the same way; some clients probe it
+        return PlainTextResponse("apr serve is running")
+
     @app.get("/health")
     async def health(http: Request):
         state: ServeState = http.app.state.apr

@@ -50,8 +50,9 @@ def submit(state, ids: list[int], params, param: str = "messages"):
 
 
 def default_max_tokens(state, n_prompt: int) -> int:
-    """No limit asked: up to the end of the context (the engine clips to it as well)."""
-    return max(1, state.lm.config.context_length - n_prompt)
+    """No limit asked: the server's default (--max-tokens), never past the context. A bound, because the engine
+    sizes each slot's KV cache for prompt + limit, and a 32k-context model would otherwise reserve all of it."""
+    return max(1, min(state.default_max_tokens, state.lm.config.context_length - n_prompt))
 
 
 def check_ids(state, ids: list[int], param: str) -> None:

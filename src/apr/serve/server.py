@@ -85,7 +85,8 @@ def serve(args) -> int:
     path = hub.resolve_model(args.model)  # a missing file or unknown name fails here, before binding
     sock = bind(args.host, args.port)
     url = url_of(sock)
-    state = ServeState(model_id=model_name(args.model), api_key=args.api_key)
+    state = ServeState(model_id=model_name(args.model), api_key=args.api_key,
+                       default_max_tokens=getattr(args, "max_tokens", None) or 4096)
     server = None
     failed = threading.Event()
 
