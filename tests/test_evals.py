@@ -195,7 +195,7 @@ def fake_runtime(monkeypatch):
                                tokenizer=SimpleNamespace(has_chat_template=True))
 
     def generate(lm, prompt, *, chat=None, system=None, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=None, stop=None):
+                 seed=None, stop=None, **engine_options):
         calls.append(prompt)
         if "has_close_elements" in prompt:  # HumanEval/0: answer right, restating the function
             p = PROBLEMS["HumanEval/0"]
@@ -261,6 +261,14 @@ def test_humaneval_real_model_small_limit(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "he" / "samples.jsonl").read_text().splitlines()]
     assert [r["task_id"] for r in records] == [f"HumanEval/{i}" for i in range(3)]
     assert all(r["status"] in ("passed", "failed") for r in records)  # no harness errors or timeouts
+    # the same problems generated 3 at a time through the batched engine: the same greedy answers
+    proc = subprocess.run([sys.executable, "-m", "apr.cli", "eval", "humaneval", REAL_05B, "--limit", "3",
+                           "--parallel", "3", "--out", str(tmp_path / "he3"), "--json"], capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    batched = [json.loads(line) for line in (tmp_path / "he3" / "samples.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in batched] == [r["completion"] for r in records]
+    assert json.loads(proc.stdout)["pass@1"] == report["pass@1"]
 
 
 @pytest.mark.real

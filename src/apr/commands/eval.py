@@ -41,6 +41,9 @@ def setup_parser(p):
     ph.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="W",
                     help="programs run in parallel (default min(4, CPUs))")
     ph.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per program (default 10)")
+    ph.add_argument("--parallel", type=int, default=1, metavar="N",
+                    help="problems generated at once through the batched engine (default 1); greedy answers are "
+                         "the same for any N")
     _common(ph)
 
 
@@ -87,7 +90,7 @@ def _humaneval(args) -> int:
         raise AprError("give a MODEL to generate with, or --samples to score, not both")
     if not args.samples and not args.model:
         raise AprError("give a MODEL to evaluate, or --samples FILE.jsonl to score existing completions")
-    for name in ("workers", "samples_per_task", "max_tokens", "limit"):
+    for name in ("workers", "samples_per_task", "max_tokens", "limit", "parallel"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise AprError(f"--{name.replace('_', '-')} must be at least 1")
     start = time.monotonic()
@@ -168,8 +171,8 @@ def _generate(args) -> dict:
     if not sandbox.get("works"):
         raise AprError(f"the sandbox does not run programs on this machine: {sandbox}")
     out = Path(args.out) if args.out else humaneval.default_out(hub.apr_home(), lm.path, lm.sha256, meta)
-    sampler = humaneval.make_sampler(lm, generate, chat, temperature, args.max_tokens, args.seed)
-    summary = humaneval.run_generation(sampler, problems, out, meta, k, args.workers, args.timeout)
+    sampler = humaneval.make_sampler(lm, generate, chat, temperature, args.max_tokens, args.seed, args.parallel)
+    summary = humaneval.run_generation(sampler, problems, out, meta, k, args.workers, args.timeout, args.parallel)
     humaneval.write_results(out, summary)
     return {**_model_fields(args, lm), **{key: v for key, v in meta.items() if key != "model_sha256"},
             **{key: v for key, v in summary.items() if key != "tasks"}, "out": str(out),

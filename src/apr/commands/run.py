@@ -42,7 +42,7 @@ def main(args):
         return 0
     sys.stdout.write("\n")
     if not args.quiet:
-        print(f"[{lm.backend} {lm.dtype}] prompt {len(result.prompt_tokens)} tok at {result.prefill_tok_s:.1f} tok/s, "
+        print(f"[{lm.backend} {lm.dtype} {lm.engine.step_impl}] prompt {len(result.prompt_tokens)} tok at {result.prefill_tok_s:.1f} tok/s, "
               f"generated {result.tokens_generated} tok at {result.decode_tok_s:.1f} tok/s, "
               f"stop: {result.stop_reason}, load {lm.load_s:.2f}s, wall {wall:.2f}s", file=sys.stderr)
     return 0
@@ -57,5 +57,5 @@ def report(lm, result, wall: float) -> dict:
         "stop_reason": result.stop_reason,
         "prefill_tok_s": round(result.prefill_tok_s, 3), "decode_tok_s": round(result.decode_tok_s, 3),
         "load_s": round(lm.load_s, 3), "wall_s": round(wall, 3),
-        "backend": lm.backend, "dtype": lm.dtype, "backend_chain": lm.backend_chain,
+        "backend": lm.backend, "dtype": lm.dtype, "step_impl": lm.engine.step_impl, "backend_chain": lm.backend_chain,
     }

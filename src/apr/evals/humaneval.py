@@ -167,7 +167,7 @@ Sampler = Callable[[dict, int], tuple[str, dict]]  # (problem, sample index) -> 
 
 
 def run_generation(sample: Sampler, problems: dict, out: Path, meta: dict, samples_per_task: int = 1,
-                   workers: int = 2, timeout_s: float = TIMEOUT_S) -> dict:
+                   workers: int = 2, timeout_s: float = TIMEOUT_S, parallel: int = 1) -> dict:
     """Generate what `out` lacks, score it while the model generates the next, record each as it lands."""
     from tqdm import tqdm
 
@@ -180,13 +180,24 @@ def run_generation(sample: Sampler, problems: dict, out: Path, meta: dict, sampl
                disable=None)
     pending: list = []
     with open(path, "a", encoding="utf-8") as fh, ThreadPoolExecutor(max(1, workers)) as pool:
+        start = getattr(sample, "start", lambda problem, idx: lambda: sample(problem, idx))
+        flight: list = []  # (task_id, idx, wait for its answer): up to `parallel` generate together
+
+        def land() -> None:
+            task_id, idx, finish = flight.pop(0)
+            text, info = finish()
+            code, full = solution_code(problems[task_id], text, meta["prompt_style"] == "chat")
+            rec = {"task_id": task_id, "sample": idx, "completion": text, "full_function": full, **info}
+            pending.append((rec, pool.submit(run_program, program(problems[task_id], code), timeout_s)))
+            _drain(pending, fh, records, bar, wait=False)
+
         try:
             for task_id, idx in todo:
-                text, info = sample(problems[task_id], idx)
-                code, full = solution_code(problems[task_id], text, meta["prompt_style"] == "chat")
-                rec = {"task_id": task_id, "sample": idx, "completion": text, "full_function": full, **info}
-                pending.append((rec, pool.submit(run_program, program(problems[task_id], code), timeout_s)))
-                _drain(pending, fh, records, bar, wait=False)
+                flight.append((task_id, idx, start(problems[task_id], idx)))
+                if len(flight) >= max(1, parallel):
+                    land()
+            while flight:
+                land()
         finally:  # an interrupted run still records what it generated
             _drain(pending, fh, records, bar, wait=True)
             bar.close()
@@ -225,16 +236,39 @@ def default_out(home: Path, model_path, sha256: str, meta: dict) -> Path:
     return home / "evals" / "humaneval" / name
 
 
-def make_sampler(lm, generate, chat: bool, temperature: float, max_tokens: int, seed: int) -> Sampler:
-    """Bind the runtime's one generate() to HumanEval's prompting: chat template for instruct models,
-    plain continuation with stop sequences for base ones. Seeds depend on (task, sample) only, so a
-    resumed run draws what the uninterrupted one would have."""
-    def sample(problem: dict, idx: int) -> tuple[str, dict]:
+def make_sampler(lm, generate, chat: bool, temperature: float, max_tokens: int, seed: int,
+                 parallel: int = 1) -> Sampler:
+    """Bind the runtime's one engine to HumanEval's prompting: chat template for instruct models, plain
+    continuation with stop sequences for base ones. Seeds depend on (task, sample) only, so a resumed or
+    batched run draws what the uninterrupted sequential one would have. `sample.start` queues a problem on
+    the engine (up to `parallel` decode together) and returns a function that waits for its answer; every
+    prompt is prefilled in full (no prefix-cache reuse), so an answer never depends on what ran before it."""
+    def start(problem: dict, idx: int):
         num = int(problem["task_id"].rsplit("/", 1)[-1]) if problem["task_id"][-1:].isdigit() else 0
-        r = generate(lm, chat_prompt(problem) if chat else problem["prompt"], chat=chat, max_tokens=max_tokens,
-                     temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
-                     seed=seed * 1_000_003 + num * 1000 + idx, stop=None if chat else list(STOP))
-        tokens = r.tokens if isinstance(r.tokens, int) else len(r.tokens)
-        return r.text, {"tokens": tokens, "stop_reason": r.stop_reason, "decode_tok_s": r.decode_tok_s}
+        prompt = chat_prompt(problem) if chat else problem["prompt"]
+        kw = dict(chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
+                  seed=seed * 1_000_003 + num * 1000 + idx, stop=None if chat else list(STOP), cache_prompt=False)
+        if parallel <= 1:
+            return lambda: _info(generate(lm, prompt, **kw))
+        from apr.generate import submit
 
+        _, req = submit(lm, prompt, parallel=parallel, **kw)
+
+        def finish() -> tuple[str, dict]:
+            r = req.result()
+            if req.stop_reason == "error":
+                raise AprError(f"generation failed on {problem['task_id']}: {req.error}")
+            return _info(r)
+
+        return finish
+
+    def sample(problem: dict, idx: int) -> tuple[str, dict]:
+        return start(problem, idx)()
+
+    sample.start = start
     return sample
+
+
+def _info(r) -> tuple[str, dict]:
+    tokens = r.tokens if isinstance(r.tokens, int) else len(r.tokens)
+    return r.text, {"tokens": tokens, "stop_reason": r.stop_reason, "decode_tok_s": r.decode_tok_s}
