@@ -46,7 +46,8 @@ def setup_parser(p):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--parallel", type=_positive, default=None,
-                   help="most sequences decoded together, one KV slot each (default: sized to the context and memory)")
+                   help="most sequences decoded together, one KV slot each (default: as many slots of 2 x --max-tokens "
+                        "tokens, capped by the context, as fit a quarter of the free memory, at most 8)")
     p.add_argument("--max-queue", type=_non_negative, default=64,
                    help="requests that may wait for a slot; beyond that the server answers 503 (default 64)")
     p.add_argument("--max-tokens", type=_positive, default=4096,

@@ -67,9 +67,24 @@ def _server_class():
     return Server
 
 
-def start_engine(lm, parallel: int | None, max_queue: int):
+def default_parallel(lm, tokens_per_slot: int, most: int = 8) -> int:
+    """Slots that fit a quarter of the memory available now, each holding `tokens_per_slot` tokens of KV
+    (keys and values of every layer), at most `most`: beyond that a CPU step is compute-bound anyway."""
+    cfg = lm.config
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (4 if lm.dtype == "float32" else 2)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = 4 << 30
+    return max(1, min(most, avail // 4 // max(1, per_token * tokens_per_slot)))
+
+
+def start_engine(lm, parallel: int | None, max_queue: int, tokens_per_slot: int = 4096):
     from apr.engine import Engine
 
+    if parallel is None:
+        parallel = default_parallel(lm, min(lm.config.context_length, tokens_per_slot))
     engine = Engine(lm, parallel=parallel, max_queue=max_queue)
     engine.start()
     return engine
@@ -80,7 +95,6 @@ def serve(args) -> int:
     import uvicorn
 
     from apr import hub
-    from apr.runtime import load_model
 
     path = hub.resolve_model(args.model)  # a missing file or unknown name fails here, before binding
     sock = bind(args.host, args.port)
@@ -92,12 +106,14 @@ def serve(args) -> int:
 
     def load():
         try:
+            from apr.runtime import load_model  # torch: in the loader thread, after the port is bound
+
             if getattr(args, "threads", None):
                 import torch
 
                 torch.set_num_threads(args.threads)
             lm = load_model(path, dtype=args.dtype, backend=args.backend, quiet=True)
-            engine = start_engine(lm, args.parallel, args.max_queue)
+            engine = start_engine(lm, args.parallel, args.max_queue, 2 * state.default_max_tokens)
             state.lm, state.engine = lm, engine  # the engine last: it is what "ready" means
             print(f"apr serve: {state.model_id} ready on {url} (parallel {engine.parallel}, {engine.step_impl}, "
                   f"{lm.dtype}); OpenAI API at {url}/v1", flush=True)
