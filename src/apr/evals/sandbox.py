@@ -32,6 +32,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from apr.evals.sandbox_launcher import NOT_PLAIN_EXIT
+
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
 
 
@@ -95,6 +97,8 @@ def _classify(rc, out, err, why, nonce, iso, duration):
         status = why
     elif rc == 0:
         status = "passed" if saw_nonce else "early_exit"  # exit 0 without running the tests through
+    elif rc == NOT_PLAIN_EXIT:
+        status = "not_plain_value"  # the candidate answered with an object, not data (it could fake ==)
     elif rc is not None and rc > 128:
         status = {signal.SIGXCPU: "cpu_limit", signal.SIGXFSZ: "file_size_limit"}.get(rc - 128, "killed")
     elif "MemoryError" in stderr[-2000:]:
