@@ -46,8 +46,15 @@ class ServeState:
         return f"apr-{__version__}-{self.engine.step_impl}"
 
     @property
-    def n_params(self) -> int:
-        return int(sum(p.numel() for p in self.lm.model.parameters())) if hasattr(self.lm.model, "parameters") else 0
+    def quantization(self) -> str:
+        """The GGUF file type by llama.cpp's name (Q4_K_M), as Ollama reports it."""
+        ftype = self.lm.metadata.get("general.file_type")
+        try:
+            from gguf import LlamaFileType
+
+            return LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
+        except (TypeError, ValueError):
+            return str(ftype or "")
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "apr",
@@ -56,9 +63,9 @@ class ServeState:
     def ollama_model(self) -> dict:
         path, cfg = self.lm.path, self.lm.config
         modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat().replace("+00:00", "Z")
-        quant = str(self.lm.metadata.get("general.file_type", ""))
         details = {"format": path.suffix.lstrip("."), "family": cfg.architecture, "families": [cfg.architecture],
-                   "parameter_size": f"{self.n_params / 1e9:.1f}B", "quantization_level": quant}
+                   "parameter_size": str(self.lm.metadata.get("general.size_label", "")),
+                   "quantization_level": self.quantization}
         return {"name": self.model_id, "model": self.model_id, "modified_at": modified,
                 "size": path.stat().st_size, "digest": self.lm.sha256, "details": details}
 

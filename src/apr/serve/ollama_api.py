@@ -233,7 +233,7 @@ async def show(body: ShowBody, http: Request):
     if name and name not in (state.model_id, state.model_id + ":latest"):
         return JSONResponse({"error": f"model '{name}' not found (this server runs '{state.model_id}')"}, status_code=404)
     cfg, m = state.lm.config, state.ollama_model()
-    info: dict[str, Any] = {"general.architecture": cfg.architecture, "general.parameter_count": state.n_params,
+    info: dict[str, Any] = {"general.architecture": cfg.architecture,
                             f"{cfg.architecture}.context_length": cfg.context_length,
                             f"{cfg.architecture}.embedding_length": cfg.dim,
                             f"{cfg.architecture}.block_count": cfg.n_layers}
