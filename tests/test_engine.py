@@ -153,3 +153,26 @@ def test_background_loop_and_drain(tiny_qwen):
     assert all(r.done and len(r.tokens) == 8 for r in reqs)
     with pytest.raises(QueueFull, match="shutting down"):
         eng.submit([1, 2], SamplingParams())
+
+
+def test_chunked_prefill_interleaves_with_decode(tiny_qwen, monkeypatch):
+    """A long prompt is prefilled a chunk per step while running sequences keep decoding; its echo logprobs and
+    greedy tokens are those of a one-piece prefill."""
+    import apr.engine.engine as engine_mod
+
+    lm = load_model(str(tiny_qwen), dtype="float32", backend="cpu", quiet=True)
+    long_ids = _ids(lm, "the cat sat on the mat and then it slept for a long long time in the sun")
+    whole = Engine(lm, parallel=1).submit(long_ids, SamplingParams(max_tokens=4, echo_logprobs=True, logprobs=1))
+    whole.result()
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 4)
+    eng = Engine(lm, parallel=2)
+    runner = eng.submit(_ids(lm, "a dog"), SamplingParams(max_tokens=40, stop_ids=set()))
+    eng.step()
+    chunked = eng.submit(long_ids, SamplingParams(max_tokens=4, echo_logprobs=True, logprobs=1))
+    before = len(runner.tokens)
+    eng.step(), eng.step()
+    assert chunked.fed == 8 and not chunked.tokens and len(runner.tokens) == before + 2  # it kept decoding
+    chunked.result()
+    assert chunked.tokens == whole.tokens
+    assert [p and (round(p[0], 4), p[1][0][0]) for p in chunked.prompt_logprobs] == \
+        [p and (round(p[0], 4), p[1][0][0]) for p in whole.prompt_logprobs]

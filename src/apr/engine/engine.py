@@ -1,8 +1,8 @@
 """The engine: continuous batching over KV-cache slots. Every command generates through it.
 
 Each step (1) retires cancelled sequences, (2) admits waiting requests into free slots, reusing the longest
-cached prefix any free slot holds (the prefix cache), (3) prefills each admitted prompt's uncached rest, and
-(4) decodes one token for every running sequence in ONE forward (`Transformer.step`), the weights read once
+cached prefix any free slot holds (the prefix cache), (3) prefills the next chunk of each admitted prompt's
+uncached rest, and (4) decodes one token for every running sequence in ONE forward (`Transformer.step`), the weights read once
 for the whole batch. Requests join and leave between steps; sampling is per sequence. Which implementation
 runs a step is `Transformer.step_impl`, the one place it is decided; the engine reports it.
 """
@@ -21,7 +21,8 @@ from apr.errors import AprError, ContextOverflow
 from apr.model.transformer import Segment
 
 REPEAT_LAST_N = 64
-PREFILL_CHUNK = 512  # rows per prefill forward: bounds the activations of a long prompt
+# rows per prefill forward: bounds a long prompt's activations, and how long running sequences wait for it
+PREFILL_CHUNK = 256
 
 
 class QueueFull(AprError):
@@ -129,10 +130,11 @@ class Engine:
             try:
                 self._check_cache()
                 self._retire_cancelled()
-                admitted = self._admit()
-                for req in admitted:
+                self._admit()
+                prefilling = [r for r in self.running if r.fed < len(r.prompt_ids)]
+                for req in prefilling:  # one chunk each: running sequences wait at most a chunk per step
                     self._prefill(req)
-                self._decode([r for r in self.running if r not in admitted])
+                self._decode([r for r in self.running if r not in prefilling])
             except Exception as e:  # a failed step fails its sequences, never the loop
                 msg = f"{type(e).__name__}: {e}"
                 with self._lock:
@@ -169,7 +171,7 @@ class Engine:
             self.slot_tokens[req.slot] = (req.prompt_ids + req.tokens)[: req.fed]
             self.slot_used[req.slot] = time.perf_counter()
 
-    def _admit(self) -> list[Request]:
+    def _admit(self) -> None:
         admitted = []
         with self._lock:
             busy = {r.slot for r in self.running}
@@ -195,25 +197,24 @@ class Engine:
             elif self.model.cache.slots < self.parallel:
                 self.model.setup_cache(cap, slots=self.parallel, keep=True)
             self._cache_seen = (id(self.model.cache.k), getattr(self.model, "direct_steps", 0))
-        return admitted
 
     def _prefill(self, req: Request) -> None:
-        ids, start = req.prompt_ids, req.fed
+        """The next chunk of `req`'s uncached prompt; after the last one, its first token is sampled."""
+        ids, a = req.prompt_ids, req.fed
+        b = min(a + PREFILL_CHUNK, len(ids))
         echo = req.params.echo_logprobs
-        rows = []
-        for a in range(start, len(ids), PREFILL_CHUNK):
-            b = min(a + PREFILL_CHUNK, len(ids))
-            seg = [Segment(req.slot, a, b - a)]
-            self.step_impl = self.model.step_impl(seg)
-            out = self.model.step(torch.tensor(ids[a:b], dtype=torch.long), seg, all_logits=echo)
-            rows.append(out)
-            req.fed = b
-        self.counters["prompt_tokens_total"] += len(ids) - start
-        self.counters["cached_tokens_total"] += req.cached_tokens
-        logits = torch.cat(rows) if echo else rows[-1]  # (T, vocab) or (1, vocab)
+        seg = [Segment(req.slot, a, b - a)]
+        self.step_impl = self.model.step_impl(seg)
+        logits = self.model.step(torch.tensor(ids[a:b], dtype=torch.long), seg, all_logits=echo)  # (n or 1, vocab)
+        req.fed = b
+        self.counters["prompt_tokens_total"] += b - a
         if echo:
             top = req.params.logprobs or 0
-            req.prompt_logprobs = [None] + [token_logprobs(logits[i], ids[i + 1], top) for i in range(len(ids) - 1)]
+            req.prompt_logprobs = (req.prompt_logprobs or [None]) + [
+                token_logprobs(logits[i - a], ids[i + 1], top) for i in range(a, min(b, len(ids) - 1))]
+        if b < len(ids):
+            return
+        self.counters["cached_tokens_total"] += req.cached_tokens
         if req.params.max_tokens == 0:
             with self._lock:
                 self._release(req)
