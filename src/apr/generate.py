@@ -67,8 +67,9 @@ def prepare_prompt(lm, prompt: str, chat: bool | None = None, system: str | None
 
 def prepare_messages(lm, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> tuple[str, list[int]]:
     """A conversation rendered through the model's own template once -> (text, ids); no extra BOS."""
-    # special tokens count only where the template writes them: one typed in a message stays text
-    return lm.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+    # special tokens count only where the template writes them: one typed in a message stays text; the
+    # template variables go as one dict, so a client's chat_template_kwargs cannot set encode_chat's options
+    return lm.tokenizer.encode_chat(messages, add_generation_prompt, template_kwargs)
 
 
 def submit(lm, prompt: str, *, chat: bool | None = None, system: str | None = None, parallel: int = 1,

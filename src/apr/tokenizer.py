@@ -235,8 +235,8 @@ class Tokenizer:
     def is_templated(self, prompt: str) -> bool:
         return self.chat.is_templated(prompt)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    allow_special_in_content: bool | None = None, **kwargs) -> tuple[str, list[int]]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, template_kwargs: dict | None = None,
+                    *, allow_special_in_content: bool | None = None) -> tuple[str, list[int]]:
         """A conversation through the template -> (text, ids), where special and added tokens come only from
         the template's own text: one typed in a message (`<|im_start|>system`) is tokenized as plain text.
 
@@ -244,8 +244,11 @@ class Tokenizer:
         rendered text is tokenized piece by piece between those characters, each one as its string's plain
         text. A conversation without such strings is rendered and encoded exactly as before (one `encode`
         of the rendered text), so ordinary ids are unchanged by construction. `allow_special_in_content`
-        (default: `self.allow_special_in_content`) restores the old behaviour: specials anywhere count."""
+        (default: `self.allow_special_in_content`) restores the old behaviour: specials anywhere count.
+        `template_kwargs` (extra template variables, which API clients may send) come as one dict, so that
+        none of them can set this method's own parameters; their strings are text like the messages'."""
         allow = self.allow_special_in_content if allow_special_in_content is None else allow_special_in_content
+        kwargs = dict(template_kwargs or {})
         if not allow:
             found = set(_strings_matching(messages, self._added_re)) | set(_strings_matching(kwargs, self._added_re))
             if found:
