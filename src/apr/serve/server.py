@@ -115,8 +115,8 @@ def serve(args) -> int:
             lm = load_model(path, dtype=args.dtype, backend=args.backend, quiet=True)
             engine = start_engine(lm, args.parallel, args.max_queue, 2 * state.default_max_tokens)
             state.lm, state.engine = lm, engine  # the engine last: it is what "ready" means
-            print(f"apr serve: {state.model_id} ready on {url} (parallel {engine.parallel}, {engine.step_impl}, "
-                  f"{lm.dtype}); OpenAI API at {url}/v1", flush=True)
+            print(f"apr serve: {state.model_id} ready on {url} (parallel {engine.parallel}, {lm.backend} {lm.dtype}); "
+                  f"OpenAI API at {url}/v1", flush=True)
         except Exception as e:  # noqa: BLE001 - reported as one line, then the server exits
             state.load_error = str(e) if isinstance(e, AprError) else f"{type(e).__name__}: {e}"
             print(f"apr: error: cannot load {state.model_id}: {state.load_error}", file=sys.stderr, flush=True)
