@@ -41,9 +41,9 @@ def client(live):
 
 
 def chat(client, prompt: str, max_tokens: int = 12, **kw):
+    kw.setdefault("temperature", 0)
     return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
-                                          max_tokens=max_tokens, temperature=0, extra_body={"return_token_ids": True},
-                                          **kw)
+                                          max_tokens=max_tokens, extra_body={"return_token_ids": True}, **kw)
 
 
 def test_models_lists_the_one_model(client):
@@ -178,6 +178,17 @@ def test_completions_string_prompt_and_stream(client, ref_lm):
     assert "".join(c.choices[0].text for c in stream if c.choices) == ref.text
     two = client.completions.create(model="tiny", prompt=[PROMPTS[3], PROMPTS[0]], max_tokens=4, temperature=0)
     assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == resp.choices[0].text[:len(two.choices[0].text)]
+
+
+def test_seed_and_stop(client, ref_lm):
+    """A seeded sampled request repeats itself; a stop string ends the text before it, as `generate` does."""
+    a, b = (chat(client, PROMPTS[2], max_tokens=12, temperature=0.9, seed=11).choices[0] for _ in range(2))
+    assert a.model_extra["token_ids"] == b.model_extra["token_ids"]
+    full = generate(ref_lm, PROMPTS[0], chat=True, max_tokens=12).text
+    stop = full[3:5]
+    ref = generate(ref_lm, PROMPTS[0], chat=True, max_tokens=12, stop=[stop])
+    got = chat(client, PROMPTS[0], max_tokens=12, stop=[stop]).choices[0]
+    assert got.message.content == ref.text == full[:full.index(stop)] and got.finish_reason == "stop"
 
 
 def test_prefix_cache_is_hit_on_the_second_turn(client):
