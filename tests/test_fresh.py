@@ -1,0 +1,119 @@
+"""Evidence bound to the code and the artifact: provenance, fresh/stale status, --stale, pv verify, and
+pv validate refusing evidence edited by hand. Runs pv on a fake check and a small temp "model"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from apr.contracts import fresh
+from apr.contracts.cli import main
+from apr.contracts.status import summarize
+from test_discharge import criterion, discharge, make_contract, project  # noqa: F401  (project: a fixture)
+
+
+@pytest.fixture
+def done(project, capsys):
+    root, model = project
+    path = make_contract(project)
+    assert discharge(path, model) == 0
+    capsys.readouterr()
+    return path, model, root / "evidence" / "fake" / "SHIP-001-2025-01-02"
+
+
+def _row(path: Path, cid: str = "SHIP-001") -> dict:
+    (model,) = summarize([path])["models"]
+    return next(c for c in model["criteria"] if c["id"] == cid), model
+
+
+def test_evidence_records_provenance(done):
+    path, model, folder = done
+    doc = json.loads((folder / "discharge-evidence-v1.json").read_text())
+    prov = doc["provenance"]
+    assert prov["code_fingerprint"] == fresh.current_fingerprint() and len(prov["code_fingerprint"]) == 64
+    assert prov["isa_class"] in ("amx", "avx512", "avx2", "baseline") and prov["threads"] >= 1
+    assert {"git_commit", "git_dirty", "apr_version", "torch_version", "python", "cpu_model", "apr_env"} <= set(prov)
+    assert prov["backend"] == "cpu"  # what the check's own JSON reported
+    assert doc["contract_name"] == "fake" and doc["model"] == "fake-model"
+    live = criterion(path)["live_discharge"]
+    assert live["code_fingerprint"] == prov["code_fingerprint"] and live["isa_class"] == prov["isa_class"]
+
+
+def test_fresh_then_stale_after_a_code_change(done, monkeypatch, capsys):
+    path, model, _ = done
+    row, entry = _row(path)
+    assert (row["status"], row["fresh"], entry["ship_pct"], entry["stale"]) == ("DISCHARGED", True, 50.0, 0)
+    monkeypatch.setattr(fresh, "current_fingerprint", lambda: "f" * 64)  # as if one line of apr changed
+    row, entry = _row(path)
+    assert (row["status"], row["fresh"], entry["ship_pct"], entry["stale"]) == ("STALE", False, 0.0, 1)
+    assert "code changed" in row["note"]
+    assert main(["status", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["models"][0]
+    assert (doc["ship_pct"], doc["stale"]) == (0.0, 1)
+
+
+def test_discharge_stale_brings_it_back(done, monkeypatch, capsys):
+    path, model, _ = done
+    from apr.contracts import discharge as dis
+
+    monkeypatch.setattr(fresh, "current_fingerprint", lambda: "f" * 64)
+    monkeypatch.setattr("apr.provenance.code_fingerprint", lambda root=None: "f" * 64)
+    assert dis.unfresh_ids(path) == ["SHIP-001", "SHIP-002"]  # SHIP-002: stale and never discharged
+    # SHIP-002's check cannot run on this file (exit 2), and --stale goes on past it
+    assert main(["discharge", str(path), "--stale", "--model", str(model)]) == 2
+    assert "SHIP-002" in capsys.readouterr().err
+    row, entry = _row(path)
+    assert row["status"] == "DISCHARGED" and row["fresh"] and entry["stale"] == 0
+
+
+def test_verify_reproduces_and_appends(done, capsys):
+    path, model, folder = done
+    before = (folder / "discharge-evidence-v1.json").read_text()
+    assert main(["verify", str(path), "--id", "SHIP-001", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["reproduced"] and rec["verdict"] == "PASS" and Path(rec["file"]).parent == folder
+    assert main(["verify", str(path), "--id", "SHIP-001"]) == 0
+    assert sorted(p.name for p in folder.glob("verify-*.json")) == ["verify-2025-01-02-2.json", "verify-2025-01-02.json"]
+    assert (folder / "discharge-evidence-v1.json").read_text() == before  # nothing overwritten
+    model.write_bytes(b"other bytes")
+    assert main(["verify", str(path), "--id", "SHIP-001"]) == 2  # the recorded artifact changed: refused
+    assert "sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit", ["observed", "sha", "criterion", "verdict"])
+def test_hand_edited_evidence_is_refused(done, edit, capsys):
+    path, model, folder = done
+    file = folder / "discharge-evidence-v1.json"
+    doc = json.loads(file.read_text())
+    if edit == "observed":
+        doc["observed"]["$.size"] = 99999
+    elif edit == "sha":
+        doc["artifact"]["sha256"] = "0" * 64
+    elif edit == "criterion":
+        doc["criterion"]["id"] = "SHIP-002"
+    else:
+        doc["verdict"] = "FAIL"
+    file.write_text(json.dumps(doc))
+    assert main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    code = {"observed": "PV-E021", "sha": "PV-E020", "criterion": "PV-E019", "verdict": "PV-E021"}[edit]
+    assert code in out and str(file) in out
+
+
+def test_two_contracts_cannot_cite_one_folder(done, capsys):
+    path, model, folder = done
+    twin = path.with_name("twin.yaml")
+    twin.write_text(path.read_text())
+    assert main(["validate", str(path), str(twin)]) == 1
+    out = capsys.readouterr().out
+    assert "PV-E022" in out and "PV-E018" in out  # and the evidence names the other contract
+
+
+def test_json_with_nan_does_not_pass(project, capsys):
+    root, model = project
+    nan = 'python -c "import json; print(json.dumps(dict(passed=True, size=float(chr(110)+chr(97)+chr(110)))))" {model}'
+    path = make_contract(project, check=nan)
+    assert discharge(path, model) == 1
+    assert "NaN" in capsys.readouterr().out
