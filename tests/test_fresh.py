@@ -117,3 +117,16 @@ def test_json_with_nan_does_not_pass(project, capsys):
     path = make_contract(project, check=nan)
     assert discharge(path, model) == 1
     assert "NaN" in capsys.readouterr().out
+
+
+def test_evidence_files_are_attached_compressed(project, capsys):
+    import gzip
+
+    root, model = project
+    (root / "samples.jsonl").write_text('{"task_id": "t/0", "passed": true}\n')
+    check = ('python -c "import json; print(json.dumps(dict(passed=True, size=1, evidence_files=[chr(115)+'
+             '\'amples.jsonl\'])))" {model}')
+    path = make_contract(project, check=check)
+    assert discharge(path, model) == 0
+    folder = root / "evidence" / "fake" / "SHIP-001-2025-01-02"
+    assert gzip.decompress((folder / "samples.jsonl.gz").read_bytes()) == (root / "samples.jsonl").read_bytes()
