@@ -130,3 +130,23 @@ def test_evidence_files_are_attached_compressed(project, capsys):
     assert discharge(path, model) == 0
     folder = root / "evidence" / "fake" / "SHIP-001-2025-01-02"
     assert gzip.decompress((folder / "samples.jsonl.gz").read_bytes()) == (root / "samples.jsonl").read_bytes()
+
+
+def test_humaneval_resume_never_mixes_code_versions(tmp_path):
+    from apr.errors import AprError
+    from apr.evals.humaneval import check_meta, default_out
+
+    meta = {"model_sha256": "a" * 64, "prompt_style": "chat", "temperature": 0.0, "max_tokens": 512, "seed": 0,
+            "code_fingerprint": "1" * 64, "dtype": "bfloat16", "backend": "cpu"}
+    check_meta(tmp_path / "run", meta)
+    check_meta(tmp_path / "run", dict(meta))  # the same code and settings: resume
+    for key, other in (("code_fingerprint", "2" * 64), ("dtype", "float32"), ("backend", "cuda")):
+        with pytest.raises(AprError, match=key):
+            check_meta(tmp_path / "run", {**meta, key: other})
+        assert default_out(tmp_path, "m.gguf", meta["model_sha256"], {**meta, key: other}) != \
+            default_out(tmp_path, "m.gguf", meta["model_sha256"], meta)
+    old = {k: v for k, v in meta.items() if k not in ("code_fingerprint", "dtype", "backend")}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(old))  # a run from before the fingerprint
+    with pytest.raises(AprError):
+        check_meta(tmp_path / "old", meta)
