@@ -5,6 +5,8 @@ No timing asserts here: speed lives in benchmarks/.
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -177,6 +179,54 @@ def test_file_pages_are_released_only_for_file_mappings(tmp_path):
     mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
     assert release_file_pages(mapped[4096:-4096])
     assert torch.equal(mapped, torch.from_numpy(data))  # the pages read back from the file
+
+
+NATIVE_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+@pytest.mark.skipif(not X86 or native._compiler() is None, reason="the native kernels need an x86 C compiler")
+@pytest.mark.parametrize("isa", list(native.VARIANTS))
+def test_every_isa_variant_compiles(isa):
+    """Built whatever this CPU runs: a variant it cannot execute is compiled, never loaded."""
+    so = {v: native._build(native._compiler(), v) for v in (isa, "avx2")}
+    assert so[isa].stat().st_size > 0 and (isa == "avx2" or so[isa].name != so["avx2"].name)  # own flags, own .so
+
+
+def _use_isa(isa: str, monkeypatch) -> None:
+    if isa not in native.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels (needs {' '.join(sorted(native.VARIANTS[isa][1]))}; "
+                    f"runnable: {native.runnable_isas() or 'none'})")
+    monkeypatch.setenv("APR_NATIVE", "1")
+    monkeypatch.setenv("APR_KERNEL_ISA", isa)
+    assert native.isa() == isa
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda q: Q(q).name)
+@pytest.mark.parametrize("isa", list(native.VARIANTS))
+def test_isa_variant_matches_exact_arithmetic(isa, qtype, monkeypatch):
+    """Every variant against the int8-rounded x times the exact dequantization in float64, and bit for bit
+    against the AVX2 variant: the variants differ only in how they form the same int32 block sums."""
+    n, k = 37, 512
+    raw = raw_matrix(qtype, n, k, seed=int(qtype))
+    w = dequantize(raw, qtype, (n, k)).double()
+    x, bias = torch.randn(3, k, generator=torch.Generator().manual_seed(1)), torch.randn(n)
+    xb = x.double().reshape(3, -1, 32)  # the kernel's int8 blocks: x * (127 / max|block|) to nearest even
+    amax = xb.abs().amax(-1, keepdim=True).float()
+    q = torch.round(xb * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)).double())
+    xq = (q * (amax / 127).double()).reshape(3, k)
+    _use_isa("avx2", monkeypatch)
+    base = native.matmul(x, raw, qtype, n, bias)
+    _use_isa(isa, monkeypatch)
+    y = native.matmul(x, raw, qtype, n, bias)
+    assert rel_err(y, xq @ w.T + bias.double()) < 2e-6
+    assert torch.equal(y, base)
+    assert torch.equal(native.dequantize(raw, qtype, k), dequantize(raw, qtype, (n, k)))
+
+
+def test_unrunnable_isa_is_refused_with_its_reason(monkeypatch):
+    monkeypatch.setenv("APR_KERNEL_ISA", "nope")
+    assert not native.available() and "APR_KERNEL_ISA=nope" in native.status()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -27,6 +27,13 @@ from apr import hub
 
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("ggml_matvec.c", "decode_layer.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# ISA variants, best first: (extra flags, /proc/cpuinfo flags the CPU needs to run it). Each is its own .so
+# built with FLAGS + its flags (any x86 compiler builds every variant, whatever CPU it runs on); the first
+# the CPU can run is loaded at first use, or the one APR_KERNEL_ISA names. csrc/ggml_matvec.c says what differs.
+VARIANTS = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"], {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+    "avx2": ([], set()),
+}
 # Rows of activations up to which the kernel beats dequantized tiles + GEMM (longer prompts go to the GEMM).
 # Measured on the 2-core AVX2 box, whole 0.5B forward: T=16 kernel 333 ms vs tiles 786; T=32 908 vs 1152;
 # T=64 1156 vs 1126; T=128 2664 vs 1504.
@@ -47,21 +54,22 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, isa: str = "avx2") -> Path:
     """Compile once per (source, flags, compiler): the name carries their hash, and a sidecar the sha256
     of the .so itself, written at build time and checked before every load, so a library that is not the
     one apr built (replaced, truncated, left by another version) is rebuilt, never loaded. Both files appear
     atomically; a racing build at worst sees a pair in mid-swap and builds again."""
     src = b"".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    flags = FLAGS + VARIANTS[isa][0]
+    key = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     out = hub.apr_home() / "kernels" / f"ggml_matvec-{key}.so"
     if _verified(out):
         return out
     out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
-        r = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(so), "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(so), "-lm"], capture_output=True, text=True)
         if r.returncode:
             raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
         sidecar = so.with_name(so.name + ".sha256")
@@ -89,22 +97,39 @@ def _verified(so: Path) -> bool:
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("APR_NATIVE", "1") == "0":  # read at every call: tests and users switch it per run
         return None, "disabled by APR_NATIVE=0"
-    return _build_and_load()
+    return _build_and_load(os.environ.get("APR_KERNEL_ISA") or (runnable_isas() or ["avx2"])[0])
+
+
+def runnable_isas() -> list[str]:
+    """The variants this CPU can run, best first (empty without AVX2/FMA/F16C)."""
+    flags = _cpu_flags()
+    if {"avx2", "fma", "f16c"} - flags:
+        return []
+    return [isa for isa, (_, need) in VARIANTS.items() if need <= flags]
+
+
+def isa() -> str | None:
+    """The variant of the loaded kernels ("avx512", "avx2"), None when they are not used."""
+    lib = _load()[0]
+    return None if lib is None else lib.apr_isa().decode()
 
 
 @functools.lru_cache(maxsize=None)
-def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
+def _build_and_load(isa: str) -> tuple[ctypes.CDLL | None, str]:
     missing = {"avx2", "fma", "f16c"} - _cpu_flags()
     if missing:
         return None, f"CPU lacks {', '.join(sorted(missing))}"
+    if isa not in runnable_isas():
+        return None, f"APR_KERNEL_ISA={isa}: not one of this CPU's variants {runnable_isas()}"
     cc = _compiler()
     if cc is None:
         return None, "no C compiler (cc/gcc) found"
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(_build(cc, isa)))
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"native kernel build failed: {e}"
     lib.apr_supports.argtypes = [ctypes.c_int]
+    lib.apr_isa.restype = ctypes.c_char_p
     p = ctypes.c_void_p
     lib.apr_decode_layer.argtypes = [p, p, ctypes.c_int64, p, p, p, p, ctypes.c_int]  # (layer, x, M, pos, slot, cos, sin, threads)
     lib.apr_dequant.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int]

@@ -49,10 +49,23 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* unsigned weights (0..127) x signed int8 -> 8 int32 partial sums */
+/* unsigned weights (0..128) x signed int8 (-127..127) -> 8 int32 partial sums, each of 4 products.
+ * ISA variants (apr/quant/native.py builds one library per variant, each with its own flags): AVX2 sums
+ * pairs into int16 (maddubs) and pairs of those into int32 (madd); AVX-512 VNNI (with VL: 256-bit forms)
+ * sums all four straight into int32 in one instruction. maddubs cannot saturate here (|pair| <= 2 * 128 *
+ * 127 < 32768), so both give the same integers and every result is bit-identical between the variants. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define APR_ISA "avx512"
+static inline __m256i dot_us(__m256i w, __m256i x) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x); }
+#else
+#define APR_ISA "avx2"
 static inline __m256i dot_us(__m256i w, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
 }
+#endif
+
+/* the variant this library was built as: "avx2" or "avx512" */
+const char *apr_isa(void) { return APR_ISA; }
 
 /* signed x signed: move w's sign onto x so maddubs sees |w| */
 static inline __m256i dot_ss(__m256i w, __m256i x) {
