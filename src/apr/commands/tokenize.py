@@ -28,11 +28,12 @@ def main(args):
     text = sys.stdin.read() if args.text == "-" else args.text
     path, tok = load_tokenizer(args.model)
     rendered = None
-    if args.chat:
-        # A prompt that already carries the template is not wrapped twice.
-        rendered = text if tok.is_templated(text) else tok.render_chat([{"role": "user", "content": text}])
-    # Like transformers' apply_chat_template(tokenize=True): the template writes any BOS itself.
-    ids = tok.encode(rendered, add_bos=False) if args.chat else tok.encode(text)
+    if args.chat and tok.is_templated(text):  # a prompt that already carries the template is not wrapped twice
+        rendered, ids = text, tok.encode(text, add_bos=False)
+    elif args.chat:  # the ids `apr run --chat` feeds the model: typed special tokens stay text
+        rendered, ids = tok.encode_chat([{"role": "user", "content": text}])
+    else:
+        ids = tok.encode(text)
     if args.json:
         out = {"model": str(path), "ids": ids, "tokens": [tok.id_to_token(i) for i in ids], "count": len(ids)}
         if args.chat:
