@@ -11,7 +11,8 @@ Rendering in-process keeps a normal render at its usual cost (tens of microsecon
 subprocess per render would add milliseconds to every server request.
 
     APR_TEMPLATE_TIMEOUT_S    wall-clock limit per render, seconds (default 3)
-    APR_TEMPLATE_MAX_CHARS    output limit, characters (default 4,000,000); the work budget is 16x that
+    APR_TEMPLATE_MAX_CHARS    output limit, characters (default 4,000,000); all text one render produces
+                              together (its work budget) is at most 16x that
 """
 
 from __future__ import annotations
@@ -164,7 +165,6 @@ def check_args(args, kwargs, *extra) -> None:
     s = _state
     if bound > s.budget - s.work:
         raise _too_big("step would grow")
-    s.work += top
 
 
 def check_result(value):
@@ -174,9 +174,10 @@ def check_result(value):
     n = size(value, s.max_chars + 1)
     if n > s.max_chars:
         raise _too_big("value grew")
-    s.work += n
-    if s.work > s.budget:
-        raise _too_big("work went")
+    if isinstance(value, (str, bytes)):  # new text is what costs memory; a list of the same messages does not
+        s.work += n
+        if s.work > s.budget:
+            raise _too_big("work went")
     return value
 
 
