@@ -112,6 +112,9 @@ def max_chars_now() -> int:
     return _state.max_chars
 
 
+_SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
+
+
 def size(x, cap: int | None = None) -> int:
     """Characters `x` stands for, counting shared pieces every time (a join would copy each); stops at cap."""
     cap = _state.max_chars * WORK_FACTOR if cap is None else cap
@@ -121,20 +124,24 @@ def size(x, cap: int | None = None) -> int:
         return len(x)
     if not isinstance(x, (list, tuple, dict, set, frozenset)):
         return 1
+    # every element counts 1 up front, so a huge container is over the cap before any walk; only
+    # strings and containers inside are then visited (each string's length on top: a slight overcount)
     total, stack = 0, [x]
     while stack and total <= cap:
         v = stack.pop()
         if isinstance(v, (str, bytes, bytearray)):
             total += len(v)
-        elif isinstance(v, dict):
-            total += 1
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple, set, frozenset)):
-            total += 1
-            stack.extend(v)
-        else:
-            total += 1
+            continue
+        is_dict = isinstance(v, dict)
+        total += 1 + len(v) * (2 if is_dict else 1)
+        if total > cap:
+            break
+        items = (*v.keys(), *v.values()) if is_dict else v
+        kinds = set(map(type, items))  # C speed: most containers hold numbers, or only strings
+        if all(issubclass(k, (str, bytes, bytearray)) for k in kinds):
+            total += sum(map(len, items))
+        elif any(issubclass(k, _SIZED) for k in kinds):
+            stack.extend(i for i in items if isinstance(i, _SIZED))
     return total
 
 
@@ -171,7 +178,7 @@ def check_result(value):
     s = _state
     if s.deadline is None:
         return value
-    n = size(value, s.max_chars + 1)
+    n = size(value, s.max_chars)
     if n > s.max_chars:
         raise _too_big("value grew")
     if isinstance(value, (str, bytes)):  # new text is what costs memory; a list of the same messages does not
