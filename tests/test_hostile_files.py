@@ -144,3 +144,29 @@ def test_kernel_cache_rebuilds_a_library_that_is_not_the_one_it_built(tmp_path, 
     assert native._build(cc) == so and so.read_bytes() == good and native._verified(so)
     native._sidecar(so).unlink()  # no record of what was built: not trusted either
     assert not native._verified(so)
+
+
+# ---- tokenizer metadata of the wrong type ----
+
+@pytest.fixture(scope="module")
+def tiny_meta(tmp_path_factory):
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("tok") / "t.gguf", dim=32, ffn=32, n_layers=1, n_heads=2, n_kv_heads=1)
+    return read_gguf(path).metadata
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("tokenizer.ggml.tokens", [1, 2, 3], "tokens is not a list of strs"),
+    ("tokenizer.ggml.merges", [1, 2], "merges is not a list of strs"),
+    ("tokenizer.ggml.token_type", "x", "token_type is not a list of ints"),
+    ("tokenizer.chat_template", [1, 2], "chat_template is a list, not a string"),
+    ("tokenizer.chat_template", 5, "chat_template is a int, not a string"),
+    ("tokenizer.ggml.bos_token_id", "abc", "bos_token_id 'abc' is not an integer"),
+    ("tokenizer.ggml.bos_token_id", float("nan"), "bos_token_id nan is not an integer"),
+])
+def test_tokenizer_metadata_of_the_wrong_type_is_refused(tiny_meta, key, value, match):
+    from apr.tokenizer import Tokenizer
+
+    with pytest.raises(BadModelFile, match=match):
+        Tokenizer.from_metadata(dict(tiny_meta, **{key: value}))

@@ -101,6 +101,12 @@ def _check(meta: dict) -> tuple[list[str], list[str], dict[int, int]]:
     if not tokens or merges is None:
         raise BadModelFile("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
     types = _meta(meta, "token_type") or []
+    for key, value, kind in (("tokens", tokens, str), ("merges", merges, str), ("token_type", types, int)):
+        if not (isinstance(value, list) and all(type(v) is kind for v in value)):
+            raise BadModelFile(f"GGUF tokenizer.ggml.{key} is not a list of {kind.__name__}s")
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise BadModelFile(f"GGUF tokenizer.chat_template is a {type(template).__name__}, not a string")
     if types and len(types) != len(tokens):
         raise BadModelFile(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
     marked = {i: k for i, k in enumerate(types) if k == CONTROL or k == USER_DEFINED}
@@ -111,6 +117,8 @@ def _special_id(meta: dict, key: str, n: int) -> int | None:
     i = _meta(meta, f"{key}_token_id")
     if i is None:
         return None
+    if type(i) is not int:
+        raise BadModelFile(f"tokenizer.ggml.{key}_token_id {i!r} is not an integer")
     if not 0 <= int(i) < n:
         raise BadModelFile(f"tokenizer.ggml.{key}_token_id {i} is outside the vocabulary ({n} tokens)")
     return int(i)
