@@ -170,3 +170,19 @@ def test_tokenizer_metadata_of_the_wrong_type_is_refused(tiny_meta, key, value, 
 
     with pytest.raises(BadModelFile, match=match):
         Tokenizer.from_metadata(dict(tiny_meta, **{key: value}))
+
+
+def test_a_merge_whose_result_is_not_a_token_is_refused_without_a_rust_panic(tiny_meta):
+    from apr.tokenizer import Tokenizer
+
+    tokens = [t for t in tiny_meta["tokenizer.ggml.tokens"] if t != "Ġt"]  # "Ġ t" merges into a missing token
+    meta = dict(tiny_meta, **{"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": []})
+    with pytest.raises(BadModelFile, match="the result of merge 'Ġ t' is not a token"):
+        Tokenizer.from_metadata(meta)
+
+
+def test_a_pre_tokenizer_name_that_is_not_a_string_is_refused(tiny_meta):
+    from apr.tokenizer import Tokenizer
+
+    with pytest.raises(BadModelFile, match="unknown tokenizer pre-tokenizer"):
+        Tokenizer.from_metadata(dict(tiny_meta, **{"tokenizer.ggml.pre": ["qwen2"]}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 from functools import cached_property, lru_cache
+from itertools import repeat
 
 from apr.chat_template import ChatTemplate
 from apr.errors import BadModelFile
@@ -95,14 +96,14 @@ def _check(meta: dict) -> tuple[list[str], list[str], dict[int, int]]:
     if model != "gpt2":
         raise BadModelFile(f"tokenizer model '{model}' is not supported (apr reads byte-level BPE: 'gpt2')")
     pre = _meta(meta, "pre")
-    if pre not in PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
         raise BadModelFile(f"unknown tokenizer pre-tokenizer '{pre}' (apr knows: {', '.join(PRE_TOKENIZERS)})")
     tokens, merges = _meta(meta, "tokens"), _meta(meta, "merges")
     if not tokens or merges is None:
         raise BadModelFile("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
     types = _meta(meta, "token_type") or []
     for key, value, kind in (("tokens", tokens, str), ("merges", merges, str), ("token_type", types, int)):
-        if not (isinstance(value, list) and all(type(v) is kind for v in value)):
+        if not (isinstance(value, list) and set(map(type, value)) <= {kind}):
             raise BadModelFile(f"GGUF tokenizer.ggml.{key} is not a list of {kind.__name__}s")
     template = meta.get("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
@@ -111,6 +112,10 @@ def _check(meta: dict) -> tuple[list[str], list[str], dict[int, int]]:
         raise BadModelFile(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
     marked = {i: k for i, k in enumerate(types) if k == CONTROL or k == USER_DEFINED}
     return tokens, merges, marked
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _special_id(meta: dict, key: str, n: int) -> int | None:
@@ -178,11 +183,20 @@ class Tokenizer:
         else:
             vocab = {_respell(t, alphabet): i for i, t in enumerate(tokens)}
         pairs = _merge_pairs(merges)
+        # A merge whose result is not in the vocabulary makes the Rust BPE panic (a PanicException and a
+        # Rust backtrace on stderr) instead of failing: checked first, at C speed ("a b" -> "ab").
+        if not all(map(vocab.__contains__, map(str.replace, merges, repeat(" "), repeat("")))):
+            bad = next(m for m in merges if m.replace(" ", "") not in vocab)
+            raise BadModelFile(f"GGUF tokenizer merges do not fit its vocabulary: the result of merge {bad!r} "
+                               "is not a token")
         try:
             bpe = models.BPE(vocab, pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
                              fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
-        except Exception as e:  # a merge naming a token the vocabulary lacks
-            raise BadModelFile(f"GGUF tokenizer merges do not fit its vocabulary: {e}") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a merge naming a token the vocabulary lacks; pyo3's PanicException is
+            # a BaseException (a vocabulary the Rust side cannot index)
+            raise BadModelFile(f"GGUF tokenizer merges do not fit its vocabulary: {_one_line(e)}") from None
         backend = Backend(bpe)
         backend.normalizer = normalizer
         backend.pre_tokenizer = pre_tokenizer

@@ -40,6 +40,40 @@ def gguf_header(data: bytes) -> None:
         pass
 
 
+_ODD_VALUES = [0, -1, 1, 2**31, 2**64 - 1, 1.5, float("nan"), float("inf"), "", "x", "<|im_start|>", True, None,
+               [], [0], ["a", "b"], [1.5], [[1]], {"a": 1}]
+
+
+@lru_cache(maxsize=1)
+def _seed_metadata():
+    from apr.formats.gguf import read_gguf
+
+    g = read_gguf(Path(__file__).with_name("corpus") / "gguf_header" / "tiny-qwen2-q8_0.gguf")
+    return g
+
+
+def gguf_metadata(data: bytes) -> None:
+    """Type confusion behind the reader: a real header's keys given values of other types (the bytes pick
+    which keys and values), then config, tokenizer and template as a load derives them."""
+    from apr.formats.gguf import GGUFFile, config_from_gguf
+    from apr.tokenizer import Tokenizer
+
+    g = _seed_metadata()
+    meta, keys = dict(g.metadata), sorted(g.metadata)
+    for i in range(0, len(data) - 1, 2):
+        key = keys[data[i] % len(keys)]
+        odd = _ODD_VALUES[data[i + 1] % len(_ODD_VALUES)]
+        value = meta[key]
+        meta[key] = value[: data[i + 1]] if isinstance(value, list) and data[i + 1] & 1 else odd
+    try:
+        config_from_gguf(GGUFFile(g.path, meta, g.tensors))
+        tok = Tokenizer.from_metadata(meta)
+        tok.stop_ids  # noqa: B018
+        tok.encode_chat([{"role": "user", "content": "hi <|im_end|>"}])
+    except AprError:
+        pass
+
+
 def apr_header(data: bytes) -> None:
     """The .apr reader with eager checksums: header, offsets, metadata, config."""
     from apr.formats.apr import open_apr
@@ -133,8 +167,8 @@ def _structured(data: bytes) -> bytes:
     return json.dumps(body).encode()
 
 
-TARGETS = {"gguf_header": gguf_header, "apr_header": apr_header, "chat_template": chat_template,
-           "serve_request": serve_request}
+TARGETS = {"gguf_header": gguf_header, "gguf_metadata": gguf_metadata, "apr_header": apr_header,
+           "chat_template": chat_template, "serve_request": serve_request}
 
 
 def seeds(name: str) -> list[bytes]:
