@@ -1,10 +1,14 @@
 """Per ggml type: the error and speed of each candidate bf16 representation (the table in apr/quant/kernels.py).
 
     python benchmarks/kernel_table.py [--rows 4864 --cols 896] [--threads 1] [--repeat 30]
+    python benchmarks/kernel_table.py --isa-ab MODEL [--threads 2] [--repeat 8] [--gen-tokens 32]
 
 Error: relative Frobenius error of the weight each representation computes with, against the exact
 float32 dequantization (random ggml blocks from apr.quant.testing). Speed: median time of one matvec
 (T=1, bf16 activations) and of a T=128 prefill tile, 1 thread by default (A/B comparisons on a shared box).
+--isa-ab: whole-model decode tok/s of each native ISA variant this CPU runs (apr.quant.native.VARIANTS),
+the variants alternated pass by pass in one process (APR_KERNEL_ISA switches the library per call), so a
+shifting load falls on all of them alike; prints each variant's median, min and max.
 """
 
 from __future__ import annotations
@@ -84,14 +88,39 @@ def row(qtype: int, n: int, k: int, repeat: int) -> dict:
     return out
 
 
+def isa_ab(model: str, repeat: int, gen_tokens: int) -> None:
+    from apr.commands.bench import bench_prompt, run_once
+    from apr.quant import native
+    from apr.runtime import load_model
+
+    lm = load_model(model, dtype="bfloat16", quiet=True)
+    prompt = bench_prompt(lm.tokenizer, 16)
+    rates: dict = {isa: [] for isa in native.runnable_isas()}
+    for i in range(repeat + 1):  # pass 0 of each variant is a warm-up
+        for isa in rates:
+            os.environ["APR_KERNEL_ISA"] = isa
+            _, dec_s, steps, _ = run_once(lm, prompt, gen_tokens)
+            if i:
+                rates[isa].append(steps / dec_s)
+    os.environ.pop("APR_KERNEL_ISA")
+    for isa, r in rates.items():
+        print(f"| {lm.path.name} | {isa} | {statistics.median(r):.2f} | {min(r):.2f} | {max(r):.2f} | {len(r)} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4864)
     ap.add_argument("--cols", type=int, default=896)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--isa-ab", metavar="MODEL", help="decode tok/s of each native ISA variant on MODEL, alternated")
+    ap.add_argument("--gen-tokens", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.isa_ab:
+        print(f"# decode A/B, {args.threads} thread(s), load {os.getloadavg()[0]:.1f}")
+        print("| model | isa | decode tok/s median | min | max | passes |\n|---|---|---|---|---|---|")
+        return isa_ab(args.isa_ab, args.repeat, args.gen_tokens)
     print(f"# {args.rows}x{args.cols}, {args.threads} thread(s), load {os.getloadavg()[0]:.1f}, "
           f"cpu block {k4.cpu_block_n()}, torch {torch.__version__}")
     print("| type | shape | chosen | err | bf16 dense err | int8/row err | matvec us chosen | bf16 dense | int8/row "
