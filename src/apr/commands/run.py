@@ -20,6 +20,11 @@ def setup_parser(p):
     mode.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as is")
     add_content_args(p)
     add_sampling_args(p)
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="the answer is JSON that validates against this schema")
+    shape.add_argument("--json-object", action="store_true", help="the answer is one JSON object")
+    shape.add_argument("--grammar", metavar="FILE", help="the answer matches this grammar (.gbnf or .lark)")
+    shape.add_argument("--regex", metavar="RE", help="the answer matches this regular expression")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
 
@@ -29,9 +34,13 @@ def main(args):
 
     t0 = time.perf_counter()
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    constraint = constraint_arg(args)  # read before the load: a bad file fails at once
     lm = load(args, quiet=args.json or args.quiet)
     result = None
-    for r in stream_generate(lm, prompt, chat=args.chat, system=args.system, **sampling_kwargs(args)):
+    kw = sampling_kwargs(args)
+    if constraint is not None:
+        kw["constraint"] = constraint
+    for r in stream_generate(lm, prompt, chat=args.chat, system=args.system, **kw):
         if not args.json and r.text:
             sys.stdout.write(r.text)
             sys.stdout.flush()
@@ -59,3 +68,29 @@ def report(lm, result, wall: float) -> dict:
         "load_s": round(lm.load_s, 3), "wall_s": round(wall, 3),
         "backend": lm.backend, "dtype": lm.dtype, "step_impl": lm.engine.step_impl, "backend_chain": lm.backend_chain,
     }
+
+
+def constraint_arg(args) -> tuple | None:
+    """(kind, spec) from --json-schema / --json-object / --grammar / --regex, or None."""
+    from pathlib import Path
+
+    from apr.errors import AprError
+
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise AprError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+    if args.json_schema:
+        try:
+            return "json_schema", json.loads(read(args.json_schema))
+        except ValueError as e:
+            raise AprError(f"{args.json_schema} is not JSON: {e}") from None
+    if args.json_object:
+        return "json_object", None
+    if args.grammar:
+        return ("lark" if args.grammar.endswith(".lark") else "gbnf"), read(args.grammar)
+    if args.regex:
+        return "regex", args.regex
+    return None

@@ -69,6 +69,10 @@ class Engine:
         params.max_tokens = min(params.max_tokens, self.ctx - len(prompt_ids))
         req = Request(self, prompt_ids, params, self.tok.stream_decoder(), self.tok.stop_ids)
         req.sampler = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
+        if params.constraint is not None:  # compiled here, so a bad grammar is the submitter's error
+            from apr.engine.constrain import Constraint
+
+            req.constraint = Constraint(self.lm, *params.constraint)
         with self._lock:
             if self._accepting_closed:
                 raise QueueFull("the server is shutting down")
@@ -241,12 +245,26 @@ class Engine:
     def _sample(self, req: Request, logits: torch.Tensor) -> None:
         history = (req.prompt_ids + req.tokens)[-REPEAT_LAST_N:]
         logits = apply_repeat_penalty(logits, history, req.params.repeat_penalty)
+        c = req.constraint
+        if c is not None:  # before sampling, greedy or not: what the grammar forbids cannot be drawn
+            logits = c.mask(logits)
         token = req.sampler(logits)
         lp = top = None
         if req.params.logprobs is not None:
             lp, top = token_logprobs(logits, token, req.params.logprobs)
         self.counters["generated_tokens_total"] += 1
-        if req.on_token(token, lp, top):
+        try:
+            if c is not None and token not in req.stop_ids:
+                c.consume(token)
+        except AprError as e:  # this sequence fails; the rest of the batch goes on
+            req.finish("error", error=str(e))
+            finished = True
+        else:
+            finished = req.on_token(token, lp, top)
+            if not finished and c is not None and c.done:  # the object is complete: nothing may follow
+                req.finish("grammar")
+                finished = True
+        if finished:
             with self._lock:
                 self._release(req)
 

@@ -13,7 +13,8 @@ from typing import AsyncIterator, Iterator
 
 _ids = itertools.count(1)
 # internal stop reasons -> OpenAI's finish_reason
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled", "error": "error"}
+FINISH = {"eos": "stop", "stop": "stop", "grammar": "stop", "length": "length", "cancelled": "cancelled",
+          "error": "error"}  # "grammar": a constrained output is complete and admits nothing more
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SamplingParams:
     echo_logprobs: bool = False  # score the prompt tokens too (a full prefill: no prefix-cache reuse)
     stop_ids: set[int] | None = None  # ids that end the sequence (default: the tokenizer's)
     cache_prompt: bool = True  # reuse a slot's KV for a shared prompt prefix (bench turns it off)
+    constraint: tuple | None = None  # (kind, spec): kind in apr.engine.constrain.KINDS; the output must match it
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Request:
         self.engine, self.prompt_ids, self.params = engine, list(prompt_ids), params
         self.stop_ids = frozenset(params.stop_ids if params.stop_ids is not None else stop_ids)
         self.cached_tokens = 0
+        self.constraint = None  # apr.engine.constrain.Constraint, set by the engine
         self.stop_reason: str | None = None
         self.error: str | None = None
         self.prompt_logprobs: list | None = None
@@ -170,7 +173,7 @@ class Request:
     def finish(self, reason: str, last: Event | None = None, error: str | None = None) -> None:
         if self.done:
             return
-        if reason in ("eos", "length", "cancelled", "error"):
+        if reason != "stop":  # a stop string cut the text; anything else keeps the decoder's last bytes
             self.text += self._decoder.flush()
         self.stop_reason, self.error = reason, error
         ev = last or Event(None, "")
