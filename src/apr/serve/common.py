@@ -25,7 +25,8 @@ class Outcome:
 
 
 def sampling_params(*, max_tokens: int, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=None,
-                    seed=None, stop=None, logprobs: int | None = None, echo_logprobs: bool = False):
+                    seed=None, stop=None, logprobs: int | None = None, echo_logprobs: bool = False,
+                    constraint: tuple | None = None):
     from apr.engine import SamplingParams
 
     return SamplingParams(
@@ -33,7 +34,35 @@ def sampling_params(*, max_tokens: int, temperature=None, top_p=None, top_k=None
         temperature=0.0 if temperature is None else float(temperature),
         top_k=top_k or 0, top_p=1.0 if top_p is None else float(top_p), min_p=min_p or 0.0,
         repeat_penalty=1.0 if repeat_penalty is None else float(repeat_penalty),
-        seed=seed, stop=list(stop or []), logprobs=logprobs, echo_logprobs=echo_logprobs)
+        seed=seed, stop=list(stop or []), logprobs=logprobs, echo_logprobs=echo_logprobs, constraint=constraint)
+
+
+def openai_constraint(response_format: dict | None) -> tuple | None:
+    """OpenAI's response_format -> the engine's (kind, spec): json_object, or json_schema's `schema`."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object", None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise APIError(400, "response_format.json_schema must be an object with a `schema` object",
+                           "response_format.json_schema")
+        return "json_schema", spec.get("schema", {})
+    raise APIError(400, f"response_format type '{kind}' is not supported (text, json_object, json_schema)",
+                   "response_format.type", "unsupported")
+
+
+def ollama_constraint(fmt) -> tuple | None:
+    """Ollama's `format`: "json" (any JSON object) or a JSON schema."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return "json_object", None
+    if isinstance(fmt, dict):
+        return "json_schema", fmt
+    raise APIError(400, 'format must be "json" or a JSON schema object', "format")
 
 
 def submit(state, ids: list[int], params, param: str = "messages"):
@@ -41,8 +70,12 @@ def submit(state, ids: list[int], params, param: str = "messages"):
     that does not fit the context is a 400 naming the counts."""
     from apr.engine import QueueFull
 
+    from apr.engine.constrain import BadGrammar
+
     try:
         return state.engine.submit(ids, params)
+    except BadGrammar as e:
+        raise APIError(400, str(e), None, "invalid_schema") from None
     except QueueFull as e:
         raise APIError(503, f"the server is busy: {e}", None, "queue_full", {"Retry-After": str(state.retry_after)}) from None
     except ContextOverflow as e:

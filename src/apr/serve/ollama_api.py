@@ -54,8 +54,6 @@ class Base(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def check(self) -> None:
-        if self.format:
-            raise bad_request("format (structured output) is not supported", "format")
         if self.think:
             raise bad_request("think is not supported", "think")
 
@@ -93,7 +91,8 @@ def _params(state, body: Base, n_prompt: int):
     limit = o.num_predict if o.num_predict is not None and o.num_predict > 0 else common.default_max_tokens(state, n_prompt)
     k = (body.top_logprobs or 0) if body.logprobs else None
     return common.sampling_params(max_tokens=limit, temperature=o.temperature, top_p=o.top_p, top_k=o.top_k,
-                                  min_p=o.min_p, repeat_penalty=o.repeat_penalty, seed=o.seed, stop=stop, logprobs=k)
+                                  min_p=o.min_p, repeat_penalty=o.repeat_penalty, seed=o.seed, stop=stop, logprobs=k,
+                                  constraint=common.ollama_constraint(body.format))
 
 
 @router.post("/api/chat")

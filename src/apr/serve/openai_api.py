@@ -43,7 +43,8 @@ async def chat_completions(body: ChatRequest, http: Request):
     params = common.sampling_params(
         max_tokens=limit if limit is not None else common.default_max_tokens(state, len(ids)),
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        repeat_penalty=body.repeat_penalty, seed=body.seed, stop=body.stop_list(), logprobs=k)
+        repeat_penalty=body.repeat_penalty, seed=body.seed, stop=body.stop_list(), logprobs=k,
+        constraint=common.openai_constraint(body.response_format))
     req = common.submit(state, ids, params, "messages")
     head = {"id": common.new_id("chatcmpl"), "created": int(time.time()), "model": state.model_id,
             "system_fingerprint": state.fingerprint}

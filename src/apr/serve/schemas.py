@@ -117,8 +117,6 @@ class ChatRequest(Sampling):
                 raise bad_request(f"{name} are not supported", name, "unsupported")
         if self.tool_choice not in (None, "none", "auto"):
             raise bad_request("tool_choice is not supported", "tool_choice", "unsupported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise bad_request("response_format other than text is not supported", "response_format", "unsupported")
         if self.modalities and self.modalities != ["text"]:
             raise bad_request("only the text modality is supported", "modalities", "unsupported")
         if self.top_logprobs is not None and not self.logprobs:
