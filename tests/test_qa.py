@@ -335,3 +335,31 @@ def test_real_model_passes_every_gate(real_lm):
     skipped = {g.name for g in report.gates if g.skipped}
     assert skipped - set(elsewhere) <= {"backend_parity"}
     assert ("backend_parity" in skipped) == (not torch.cuda.is_available())
+
+
+def test_committed_baseline_per_machine_class(tiny_qwen, tmp_path, monkeypatch):
+    from apr.provenance import isa_class
+    from apr.qa import baseline as qb
+
+    with monkeypatch.context() as m:  # the recorded speed, planted
+        m.setattr("apr.qa.gates_live.decode_speed", lambda ctx: {"decode_tok_s": 100.0, "steps": 47,
+                                                                "prefill_tok_s": 1.0, "prompt_tokens": 8})
+        entry = qb.record(str(tiny_qwen), tmp_path / "qa-baselines")
+    doc = json.loads((tmp_path / "qa-baselines" / f"{isa_class()}.json").read_text())
+    assert doc["isa_class"] == isa_class() and doc["entries"] == [entry] and len(entry["code_fingerprint"]) == 64
+    lm = load_model(tiny_qwen, quiet=True)
+    only = ["throughput", "performance_regression"]
+
+    def gate(tok_s: float, where) -> object:
+        ctx = _with_speed(lm, tok_s)
+        ctx.options.baseline = str(where)
+        return gates(run_qa(ctx=ctx, only=only, keep=False))["performance_regression"]
+
+    assert gate(95.0, tmp_path / "qa-baselines").passed  # within 10% of the committed 100
+    slow = gate(85.0, tmp_path / "qa-baselines")
+    assert not slow.passed and not slow.skipped and slow.threshold == 90.0
+    assert gate(95.0, tmp_path / "empty").skipped  # no file for this class: SKIP, never a pass
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**doc, "isa_class": "amx" if isa_class() != "amx" else "avx2"}))
+    wrong = gate(95.0, other)
+    assert not wrong.passed and not wrong.skipped and "machine class" in wrong.message

@@ -36,7 +36,7 @@ def _from_file(spec: str, sha: str, dtype: str, backend: str) -> dict:
     from apr.provenance import isa_class
 
     isa, path = isa_class(), Path(spec)
-    if path.is_dir():
+    if path.suffix != ".json":  # a folder of <isa_class>.json files (which may not have this class yet)
         path = path / f"{isa}.json"
         if not path.is_file():
             raise Skip(f"no performance baseline for machine class {isa} ({path} does not exist)")
