@@ -45,8 +45,14 @@ def generation_parity(lm, ref, ids: list[int], prefill: int = PREFILL) -> dict:
 
 
 def step_impl(lm) -> str:
-    """The kernel path one decode step ran: native C block, CUDA graph, or the torch block."""
+    """The kernel path one decode step takes: the model's own answer where it has one (the engine's
+    Transformer.step_impl), else what the last step built: native C block, CUDA graph, or the torch block."""
     model = lm.model
+    decide = getattr(model, "step_impl", None)
+    if callable(decide):
+        from apr.model.transformer import Segment
+
+        return decide([Segment(0, 0, 1)])
     if getattr(model, "_native", None) is not None:
         return "native-c"
     if getattr(model, "_graph", None) is not None:
