@@ -203,7 +203,10 @@ class ChatTemplate:
         try:
             with limits.Bounded():
                 chunks, total = [], 0
-                for chunk in template.generate(messages=_plain_messages(messages), tools=None, documents=None,
+                # tools and documents (OpenAI `tools`, RAG documents) reach templates that have sections for them
+                context.setdefault("tools", None)
+                context.setdefault("documents", None)
+                for chunk in template.generate(messages=_plain_messages(messages),
                                                add_generation_prompt=add_generation_prompt, **context):
                     total += len(chunk)
                     limits.check_output(total)

@@ -10,7 +10,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from apr.serve import common
+from apr.serve import common, tools
 from apr.serve.common import Outcome
 from apr.serve.errors import APIError, bad_request, error_body
 from apr.serve.schemas import ChatRequest, CompletionRequest
@@ -34,8 +34,12 @@ async def chat_completions(body: ChatRequest, http: Request):
     body.check_supported()
     lm = state.lm
     messages = [m.as_template_message(i) for i, m in enumerate(body.messages)]
+    tool_list = tools.check_tools(body.tools)
+    forced = tools.chosen(tool_list, body.tool_choice)
+    offer = tool_list if tool_list and body.tool_choice != "none" else None
+    extra = {**(body.chat_template_kwargs or {}), **({"tools": offer} if offer else {})}
     try:
-        _, ids = prepare_messages(lm, messages, **(body.chat_template_kwargs or {}))
+        _, ids = prepare_messages(lm, messages, **extra)
     except Exception as e:  # a template that refuses the conversation (e.g. roles out of order)
         raise bad_request(f"the chat template cannot render these messages: {e}", "messages", "template_error") from None
     k = (body.top_logprobs or 0) if body.logprobs else None
@@ -44,13 +48,14 @@ async def chat_completions(body: ChatRequest, http: Request):
         max_tokens=limit if limit is not None else common.default_max_tokens(state, len(ids)),
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         repeat_penalty=body.repeat_penalty, seed=body.seed, stop=body.stop_list(), logprobs=k,
-        constraint=common.openai_constraint(body.response_format))
+        constraint=tools.forced_grammar(forced, lm.tokenizer) if forced else common.openai_constraint(body.response_format))
     req = common.submit(state, ids, params, "messages")
     head = {"id": common.new_id("chatcmpl"), "created": int(time.time()), "model": state.model_id,
             "system_fingerprint": state.fingerprint}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chat_stream(state, req, head, ids, k is not None, include_usage),
+        stream = _tool_stream if offer else _chat_stream
+        return StreamingResponse(stream(state, req, head, ids, k is not None, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     out = await common.collect(req, http)
     if out is None:
@@ -58,6 +63,11 @@ async def chat_completions(body: ChatRequest, http: Request):
     common.raise_if_failed(req, out)
     choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
               "finish_reason": common.finish_reason(out.finish_reason)}
+    if offer:
+        content, calls = tools.parse(out.text)
+        if calls:
+            choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+            choice["finish_reason"] = "tool_calls" if choice["finish_reason"] == "stop" else choice["finish_reason"]
     if k is not None:
         tok = lm.tokenizer
         choice["logprobs"] = {"content": [common.chat_logprob_entry(tok, i, lp, top) for i, lp, top in out.logprobs]}
@@ -97,6 +107,43 @@ async def _chat_stream(state, req, head: dict, ids: list[int], logprobs: bool, i
         yield "data: [DONE]\n\n"
     finally:
         if not finished:  # the client went away (or the stream broke): free the slot
+            req.cancel()
+
+
+async def _tool_stream(state, req, head: dict, ids: list[int], logprobs: bool, include_usage: bool):
+    """A stream where the model may call a tool: its text is read whole, then sent as content or as tool_calls
+    deltas the way OpenAI sends them (id, type and name first, then the arguments)."""
+    out, t0 = Outcome(), time.perf_counter()
+    chunk = {**head, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if include_usage else {}
+
+    def delta(d: dict, finish=None) -> str:
+        return sse({**chunk, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}], **extra})
+
+    finished = False
+    try:
+        yield delta({"role": "assistant", "content": None})
+        async for ev in req.aevents():
+            common.absorb(out, ev, t0)
+            finished = finished or bool(ev.finish_reason)
+        if out.finish_reason == "error":
+            yield sse(error_body(500, f"generation failed: {req.error or 'engine error'}", None, "engine_error"))
+            yield "data: [DONE]\n\n"
+            return
+        content, calls = tools.parse(out.text)
+        finish = common.finish_reason(out.finish_reason)
+        if content:
+            yield delta({"content": content})
+        for i, c in enumerate(calls):
+            yield delta({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
+                                         "function": {"name": c["function"]["name"], "arguments": ""}}]})
+            yield delta({"tool_calls": [{"index": i, "function": {"arguments": c["function"]["arguments"]}}]})
+        yield delta({}, "tool_calls" if calls and finish == "stop" else finish)
+        if include_usage:
+            yield sse({**chunk, "choices": [], "usage": common.usage_block(out, len(ids))})
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
             req.cancel()
 
 

@@ -43,8 +43,8 @@ class Message(BaseModel):
     refusal: str | None = None
 
     def as_template_message(self, index: int) -> dict:
-        if self.tool_calls:
-            raise bad_request("tool calls are not supported", f"messages.{index}.tool_calls", "unsupported")
+        from apr.serve.tools import template_calls
+
         content = self.content
         if isinstance(content, list):
             other = next((p.type for p in content if p.type != "text"), None)
@@ -53,7 +53,12 @@ class Message(BaseModel):
                                   f"messages.{index}.content", "unsupported")
             content = "".join(p.text or "" for p in content)
         role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for system
-        return {"role": role, "content": content or ""}
+        msg = {"role": role, "content": content or ""}
+        if self.tool_calls:  # an earlier call of the assistant's, rendered back by the template
+            msg["tool_calls"] = template_calls(self.tool_calls)
+        if self.role == "tool":
+            msg.update({k: v for k, v in (("tool_call_id", self.tool_call_id), ("name", self.name)) if v})
+        return msg
 
 
 class Sampling(BaseModel):
@@ -112,11 +117,8 @@ class ChatRequest(Sampling):
         super().check_supported()
         if not self.messages:
             raise bad_request("messages must not be empty", "messages", "empty_messages")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise bad_request(f"{name} are not supported", name, "unsupported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported", "tool_choice", "unsupported")
+        if self.functions:
+            raise bad_request("functions are not supported (use tools)", "functions", "unsupported")
         if self.modalities and self.modalities != ["text"]:
             raise bad_request("only the text modality is supported", "modalities", "unsupported")
         if self.top_logprobs is not None and not self.logprobs:
