@@ -192,7 +192,7 @@ def fake_runtime(monkeypatch):
 
     def load_model(spec, dtype=None, backend="auto"):
         return SimpleNamespace(path=Path(f"/models/{spec}.gguf"), sha256="ab" * 32, config={}, is_instruct=True,
-                               tokenizer=SimpleNamespace(has_chat_template=True))
+                               tokenizer=SimpleNamespace(has_chat_template=True), dtype="float32", backend="cpu")
 
     def generate(lm, prompt, *, chat=None, system=None, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
                  seed=None, stop=None, **engine_options):
