@@ -110,3 +110,25 @@ def test_real_model_calls_a_tool_and_reads_its_result():
         assert r.choices[0].finish_reason == "stop" and "21" in answer, answer
     finally:
         server.close()
+
+
+def test_ollama_chat_with_tools_answers_tool_calls(tiny, monkeypatch):
+    """Ollama's /api/chat with tools: a <tool_call> in the model's text comes back as message.tool_calls."""
+    from apr.serve.tools import forced_grammar
+
+    real = tiny.engine.submit
+
+    def forced(ids, params):  # Ollama has no tool_choice: force the call so the random model makes one
+        params.constraint = forced_grammar([ADD], tiny.engine.lm.tokenizer)
+        return real(ids, params)
+
+    monkeypatch.setattr(tiny.engine, "submit", forced)
+    for stream in (False, True):
+        r = httpx.post(tiny.url + "/api/chat", json={"model": "tiny", "stream": stream, "tools": [ADD],
+                                                    "messages": [{"role": "user", "content": "1+2"}],
+                                                    "options": {"num_predict": 120}}, timeout=60)
+        assert r.status_code == 200, r.text
+        lines = [json.loads(x) for x in r.text.splitlines()] if stream else [r.json()]
+        msg = next(x["message"] for x in lines if x["message"].get("tool_calls"))
+        call = msg["tool_calls"][0]["function"]
+        assert call["name"] == "add" and set(call["arguments"]) == {"a", "b"} and lines[-1]["done"]

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from apr import __version__
-from apr.serve import common
+from apr.serve import common, tools
 from apr.serve.common import Outcome
 from apr.serve.errors import bad_request
 
@@ -101,8 +101,7 @@ async def chat(body: ChatBody, http: Request):
 
     state = http.app.state.apr.ready()
     body.check()
-    if body.tools:
-        raise bad_request("tools are not supported", "tools")
+    offer = tools.check_tools(body.tools) or None
     if not body.messages:
         # Ollama answers an empty chat with a load acknowledgement
         return {"model": state.model_id, "created_at": _now(), "message": {"role": "assistant", "content": ""},
@@ -111,13 +110,40 @@ async def chat(body: ChatBody, http: Request):
     for m in body.messages:
         if m.images:
             raise bad_request("images are not supported", "messages")
-        msgs.append({"role": m.role, "content": m.content or ""})
+        msg = {"role": m.role, "content": m.content or ""}
+        if m.tool_calls:  # Ollama sends arguments as an object already
+            msg["tool_calls"] = tools.template_calls(m.tool_calls)
+        msgs.append(msg)
     try:
-        _, ids = prepare_messages(state.lm, msgs)
+        _, ids = prepare_messages(state.lm, msgs, **({"tools": offer} if offer else {}))
     except Exception as e:
         raise bad_request(f"the chat template cannot render these messages: {e}", "messages") from None
     req = common.submit(state, ids, _params(state, body, len(ids)), "messages")
+    if offer:
+        return await _tool_answer(state, http, body, req, ids)
     return await _answer(state, http, body, req, ids, chat=True)
+
+
+async def _tool_answer(state, http: Request, body: Base, req, ids: list[int]):
+    """A chat that may call a tool: read whole, then answered as Ollama does, with `message.tool_calls`
+    (arguments as objects); a stream gets it as one piece followed by the final one."""
+    t0 = time.perf_counter()
+    out = await common.collect(req, http)
+    if out is None:
+        return JSONResponse({}, status_code=499)
+    common.raise_if_failed(req, out)
+    content, calls = tools.parse(out.text)
+    message = {"role": "assistant", "content": content or ""}
+    if calls:
+        message["tool_calls"] = [{"function": {"name": c["function"]["name"],
+                                               "arguments": json.loads(c["function"]["arguments"] or "{}")}}
+                                 for c in calls]
+    final = _final(state, out, ids, True, t0, "")
+    if body.stream is False:
+        return {**final, "message": message}
+    lines = [{**_piece(state, True, "", False), "message": message}, final]
+    return StreamingResponse(iter([json.dumps(x, ensure_ascii=False) + "\n" for x in lines]),
+                             media_type="application/x-ndjson")
 
 
 @router.post("/api/generate")
