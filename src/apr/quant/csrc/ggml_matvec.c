@@ -1,4 +1,5 @@
-/* y = x @ W.T straight from ggml blocks, for the few rows of a decode step (AVX2 + FMA + F16C).
+/* y = x @ W.T straight from ggml blocks, for the few rows of a decode step (AVX2 + FMA + F16C; built a
+ * second time with AVX-512 F/BW/VL + VNNI, see dot_us and dot_k: the same results bit for bit).
  *
  * Why: torch has no kernel that reads ggml blocks, and its int4 kernel runs at ~5 G weights/s per core
  * on AVX2, so a decode step was compute-bound far below the memory roofline. Here each row of x is
