@@ -66,7 +66,8 @@ def report(lm, result, wall: float) -> dict:
         "stop_reason": result.stop_reason,
         "prefill_tok_s": round(result.prefill_tok_s, 3), "decode_tok_s": round(result.decode_tok_s, 3),
         "load_s": round(lm.load_s, 3), "wall_s": round(wall, 3),
-        "backend": lm.backend, "dtype": lm.dtype, "step_impl": lm.engine.step_impl, "backend_chain": lm.backend_chain,
+        "backend": lm.backend, "dtype": lm.dtype, "step_impl": lm.engine.step_impl, "kernel_isa": _kernel_isa(),
+        "backend_chain": lm.backend_chain,
     }
 
 
@@ -94,3 +95,9 @@ def constraint_arg(args) -> tuple | None:
     if args.regex:
         return "regex", args.regex
     return None
+
+
+def _kernel_isa() -> str | None:
+    from apr.quant import native
+
+    return native.isa()
