@@ -54,7 +54,8 @@ def server_commands(a, model: str, port: int) -> dict[str, list[str]]:
     if a.llamacpp_venv:
         cmds["llama-cpp-python"] = [os.path.join(a.llamacpp_venv, "bin", "python"), "-m", "llama_cpp.server",
                                     "--model", model, "--port", str(port), "--host", "127.0.0.1", "--n_threads", t,
-                                    "--n_threads_batch", t, "--n_ctx", "2048"]
+                                    "--n_threads_batch", t, "--n_ctx", "2048",
+                                    "--interrupt_requests", "False"]  # queue concurrent requests, not cut them
     return {k: v for k, v in cmds.items() if k in a.only}
 
 
