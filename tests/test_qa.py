@@ -154,23 +154,28 @@ def test_template_without_generation_prompt_fails_chat_template(tmp_path):
 @pytest.fixture
 def leaky_cache(monkeypatch):
     """A KV cache that leaks between requests: each request's positions start where the previous one's
-    ended, so its attention also sees the earlier request's keys and values."""
-    from apr.model.transformer import Transformer
+    ended, so its attention also sees the earlier request's keys and values (the engine's step is where
+    every generation runs, so the leak is planted there)."""
+    from apr.model.transformer import Segment, Transformer
 
-    forward, setup = Transformer.forward, Transformer.setup_cache
+    step, setup = Transformer.step, Transformer.setup_cache
     state = {"base": 0, "end": 0}
 
-    def setup_cache(self, capacity):
-        setup(self, capacity + 4096)  # one allocation kept across requests, with room for the carry-over
+    def setup_cache(self, capacity, slots=1, keep=False):
+        setup(self, capacity + 4096, slots, keep)  # one allocation kept across requests, with room for the carry-over
 
-    def leaky_forward(self, ids, pos, all_logits=False):
-        if pos == 0:
+    def leaky_step(self, ids, segs, all_logits=False):
+        if segs[0].n > 1:  # a new request's prompt: it starts where the previous request ended
             state["base"] = state["end"]
-        state["end"] = state["base"] + pos + ids.shape[0]
-        return forward(self, ids, state["base"] + pos, all_logits)
+        state["end"] = state["base"] + segs[0].pos + segs[0].n
+        moved = [Segment(s.slot, state["base"] + s.pos, s.n) for s in segs]
+        need = max(s.pos + s.n for s in moved)
+        if need > self.cache.capacity:  # room for the carried-over positions, contents kept
+            setup(self, need + 4096, self.cache.slots, True)
+        return step(self, ids, moved, all_logits)
 
     monkeypatch.setattr(Transformer, "setup_cache", setup_cache)
-    monkeypatch.setattr(Transformer, "forward", leaky_forward)
+    monkeypatch.setattr(Transformer, "step", leaky_step)
 
 
 def test_state_isolation_passes_then_catches_a_leak(tiny_qwen, request):

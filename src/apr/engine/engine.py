@@ -152,11 +152,18 @@ class Engine:
     def _check_cache(self) -> None:
         """Anything that ran the model outside the engine (trace, parity) may have written slot 0 or replaced the
         cache: then no slot's contents can be trusted for the prefix cache."""
-        m = self.model
-        seen = (id(m.cache.k) if m.cache is not None else None, getattr(m, "direct_steps", 0))
+        seen = self._cache_state()
         if seen != self._cache_seen:
             self.slot_tokens = [[] for _ in range(self.parallel)]
             self._cache_seen = seen
+
+    def _cache_state(self) -> tuple:
+        """What the slots' contents depend on: the cache buffers, direct model calls, and the prepared weights
+        (a re-prepared linear, e.g. a test swapping rows, makes every cached KV row another model's)."""
+        from apr.quant.linear import prepared_version
+
+        m = self.model
+        return id(m.cache.k) if m.cache is not None else None, getattr(m, "direct_steps", 0), prepared_version()
 
     def _retire_cancelled(self) -> None:
         with self._lock:
@@ -200,7 +207,7 @@ class Engine:
                 self.model.setup_cache(grown, slots=self.parallel, keep=True)
             elif self.model.cache.slots < self.parallel:
                 self.model.setup_cache(cap, slots=self.parallel, keep=True)
-            self._cache_seen = (id(self.model.cache.k), getattr(self.model, "direct_steps", 0))
+            self._cache_seen = self._cache_state()
 
     def _prefill(self, req: Request) -> None:
         """The next chunk of `req`'s uncached prompt; after the last one, its first token is sampled."""
