@@ -176,3 +176,21 @@ def test_chunked_prefill_interleaves_with_decode(tiny_qwen, monkeypatch):
     assert chunked.tokens == whole.tokens
     assert [p and (round(p[0], 4), p[1][0][0]) for p in chunked.prompt_logprobs] == \
         [p and (round(p[0], 4), p[1][0][0]) for p in whole.prompt_logprobs]
+
+
+def test_reprepared_weights_invalidate_the_prefix_cache(tiny_qwen):
+    """Swapping a model's weights (as the qa tests' faults do) must not reuse KV that the old weights computed."""
+    lm = load_model(str(tiny_qwen), dtype="float32", backend="cpu", quiet=True)
+    eng = Engine(lm, parallel=1)
+    ids = _ids(lm, "the cat sat on the mat")
+    eng.submit(ids, SamplingParams(max_tokens=4)).result()
+    mod = lm.model.blk[0].attn_q
+    raw = mod.raw
+    mod.raw, mod.prepared = raw.flip(0).clone(), None  # another model
+    mod.materialize(torch.float32)
+    swapped = eng.submit(ids, SamplingParams(max_tokens=4))
+    swapped.result()
+    fresh = Engine(lm, 1).submit(ids, SamplingParams(max_tokens=4, cache_prompt=False)).result()
+    mod.raw, mod.prepared = raw, None
+    mod.materialize(torch.float32)
+    assert swapped.cached_tokens == 0 and swapped.tokens == fresh.tokens
