@@ -54,8 +54,7 @@ async def chat_completions(body: ChatRequest, http: Request):
             "system_fingerprint": state.fingerprint}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _tool_stream if offer else _chat_stream
-        return StreamingResponse(stream(state, req, head, ids, k is not None, include_usage),
+        return StreamingResponse(_chat_stream(state, req, head, ids, k is not None, include_usage, bool(offer)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     out = await common.collect(req, http)
     if out is None:
@@ -78,73 +77,64 @@ async def chat_completions(body: ChatRequest, http: Request):
     return resp
 
 
-async def _chat_stream(state, req, head: dict, ids: list[int], logprobs: bool, include_usage: bool):
-    tok, out, t0 = state.lm.tokenizer, Outcome(), time.perf_counter()
+async def _chat_stream(state, req, head: dict, ids: list[int], logprobs: bool, include_usage: bool, tooled: bool):
+    """The frame of a streamed chat completion: the role delta, the body's deltas, the finish chunk, usage and
+    [DONE]. A client that goes away before the end cancels the request, which frees its slot."""
+    out, track = Outcome(), {"done": False, "finish": None}
     chunk = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
 
     def delta(d: dict, finish=None, lp=None) -> str:
         return sse({**chunk, "choices": [{"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}], **extra})
 
-    finished = False
+    body = _tool_deltas(req, out, track) if tooled else _text_deltas(state, req, out, track, logprobs)
     try:
-        yield delta({"role": "assistant", "content": ""})
-        async for ev in req.aevents():
-            common.absorb(out, ev, t0)
-            lp = None
-            if logprobs and ev.token is not None and ev.logprob is not None:
-                lp = {"content": [common.chat_logprob_entry(tok, ev.token, ev.logprob, ev.top_logprobs or [])]}
-            if ev.text or lp:
-                yield delta({"content": ev.text or ""}, None, lp)
-            if ev.finish_reason:
-                finished = True
+        yield delta({"role": "assistant", "content": None if tooled else ""})
+        async for d, lp in body:
+            yield delta(d, None, lp)
         if out.finish_reason == "error":
             yield sse(error_body(500, f"generation failed: {req.error or 'engine error'}", None, "engine_error"))
         else:
-            yield delta({}, common.finish_reason(out.finish_reason))
+            yield delta({}, track["finish"] or common.finish_reason(out.finish_reason))
             if include_usage:
                 yield sse({**chunk, "choices": [], "usage": common.usage_block(out, len(ids))})
         yield "data: [DONE]\n\n"
     finally:
-        if not finished:  # the client went away (or the stream broke): free the slot
+        if not track["done"]:
             req.cancel()
 
 
-async def _tool_stream(state, req, head: dict, ids: list[int], logprobs: bool, include_usage: bool):
-    """A stream where the model may call a tool: its text is read whole, then sent as content or as tool_calls
-    deltas the way OpenAI sends them (id, type and name first, then the arguments)."""
-    out, t0 = Outcome(), time.perf_counter()
-    chunk = {**head, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
+async def _text_deltas(state, req, out: Outcome, track: dict, logprobs: bool):
+    """Each event's text as it comes, with its logprob entry when asked."""
+    tok, t0 = state.lm.tokenizer, time.perf_counter()
+    async for ev in req.aevents():
+        common.absorb(out, ev, t0)
+        track["done"] = track["done"] or bool(ev.finish_reason)
+        lp = None
+        if logprobs and ev.token is not None and ev.logprob is not None:
+            lp = {"content": [common.chat_logprob_entry(tok, ev.token, ev.logprob, ev.top_logprobs or [])]}
+        if ev.text or lp:
+            yield {"content": ev.text or ""}, lp
 
-    def delta(d: dict, finish=None) -> str:
-        return sse({**chunk, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}], **extra})
 
-    finished = False
-    try:
-        yield delta({"role": "assistant", "content": None})
-        async for ev in req.aevents():
-            common.absorb(out, ev, t0)
-            finished = finished or bool(ev.finish_reason)
-        if out.finish_reason == "error":
-            yield sse(error_body(500, f"generation failed: {req.error or 'engine error'}", None, "engine_error"))
-            yield "data: [DONE]\n\n"
-            return
-        content, calls = tools.parse(out.text)
-        finish = common.finish_reason(out.finish_reason)
-        if content:
-            yield delta({"content": content})
-        for i, c in enumerate(calls):
-            yield delta({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
-                                         "function": {"name": c["function"]["name"], "arguments": ""}}]})
-            yield delta({"tool_calls": [{"index": i, "function": {"arguments": c["function"]["arguments"]}}]})
-        yield delta({}, "tool_calls" if calls and finish == "stop" else finish)
-        if include_usage:
-            yield sse({**chunk, "choices": [], "usage": common.usage_block(out, len(ids))})
-        yield "data: [DONE]\n\n"
-    finally:
-        if not finished:
-            req.cancel()
+async def _tool_deltas(req, out: Outcome, track: dict):
+    """Where the model may call a tool, its text is read whole, then sent as content or as tool_calls deltas
+    the way OpenAI sends them (id, type and name first, then the arguments)."""
+    t0 = time.perf_counter()
+    async for ev in req.aevents():
+        common.absorb(out, ev, t0)
+        track["done"] = track["done"] or bool(ev.finish_reason)
+    if out.finish_reason == "error":
+        return
+    content, calls = tools.parse(out.text)
+    if content:
+        yield {"content": content}, None
+    for i, c in enumerate(calls):
+        yield {"tool_calls": [{"index": i, "id": c["id"], "type": "function",
+                               "function": {"name": c["function"]["name"], "arguments": ""}}]}, None
+        yield {"tool_calls": [{"index": i, "function": {"arguments": c["function"]["arguments"]}}]}, None
+    if calls and common.finish_reason(out.finish_reason) == "stop":
+        track["finish"] = "tool_calls"
 
 
 # -- completions ----------------------------------------------------------------------------------------
