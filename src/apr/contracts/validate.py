@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from apr.contracts.evidence_checks import CODES as EVIDENCE_CODES
 from apr.contracts.loader import ContractError, Diagnostic, Loaded, line_of, read_contract, to_plain
 from apr.contracts.schema import Contract
 
@@ -35,12 +36,7 @@ CODES: dict[str, str] = {
     "PV-E014": "artifact_sha256 is not 64 lowercase hex digits",
     "PV-E015": "test binding is not a pytest node id",
     "PV-E016": "test binding does not resolve to a collected test (pv lint --strict-test-binding)",
-    "PV-E017": "evidence file is not a readable discharge record",
-    "PV-E018": "evidence belongs to another contract",
-    "PV-E019": "evidence belongs to another criterion",
-    "PV-E020": "evidence is for another artifact than metadata.model.artifact_sha256",
-    "PV-E021": "evidence's verdict or observed values disagree with its raw output or with the YAML",
-    "PV-E022": "the same evidence folder is cited twice (by two criteria or two contracts)",
+    **EVIDENCE_CODES,  # PV-E017..E022: the evidence checks' own table
     "PV-E023": "criterion names no falsified_by test (pv lint --strict-test-binding)",
     "PV-W001": "BLOCKED criterion without a reason in if_fails",
     "PV-W002": "criterion has no test binding",

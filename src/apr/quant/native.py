@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from apr import hub
+from apr.provenance import cpu_flags
 
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("ggml_matvec.c", "decode_layer.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -38,16 +39,6 @@ VARIANTS = {
 # Measured on the 2-core AVX2 box, whole 0.5B forward: T=16 kernel 333 ms vs tiles 786; T=32 908 vs 1152;
 # T=64 1156 vs 1126; T=128 2664 vs 1504.
 MAX_ROWS = 48
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _compiler() -> str | None:
@@ -102,7 +93,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 def runnable_isas() -> list[str]:
     """The variants this CPU can run, best first (empty without AVX2/FMA/F16C)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if {"avx2", "fma", "f16c"} - flags:
         return []
     return [isa for isa, (_, need) in VARIANTS.items() if need <= flags]
@@ -116,7 +107,7 @@ def isa() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _build_and_load(isa: str) -> tuple[ctypes.CDLL | None, str]:
-    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+    missing = {"avx2", "fma", "f16c"} - cpu_flags()
     if missing:
         return None, f"CPU lacks {', '.join(sorted(missing))}"
     if isa not in runnable_isas():
