@@ -17,21 +17,16 @@ from apr import __version__
 from apr.serve import common, tools
 from apr.serve.common import Outcome
 from apr.serve.errors import bad_request
+from apr.serve.schemas import Knobs
 
 router = APIRouter()
 Open = ConfigDict(extra="ignore", strict=True)
 
 
-class Options(BaseModel):
+class Options(Knobs):
     model_config = ConfigDict(extra="allow", strict=True)
     num_predict: int | None = None
     temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repeat_penalty: float | None = Field(None, gt=0.0)
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
 
 
 class OllamaMessage(BaseModel):

@@ -61,19 +61,23 @@ class Message(BaseModel):
         return msg
 
 
-class Sampling(BaseModel):
-    """Fields chat and completions share."""
-    model_config = Closed
-    model: str | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+class Knobs(BaseModel):
+    """Sampling knobs OpenAI's and Ollama's requests share (Ollama's sit in `options`)."""
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(None, gt=0.0)
     seed: int | None = None
     stop: Union[str, list[str], None] = None
+
+
+class Sampling(Knobs):
+    """Fields chat and completions share."""
+    model_config = Closed
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
     n: int | None = 1
     frequency_penalty: float | None = 0.0
     presence_penalty: float | None = 0.0
