@@ -1,0 +1,100 @@
+"""The training forward pass: the inference Transformer's own modules, run with autograd over a batch.
+
+Nothing here redefines the model: the embedding, every `Block`, the final norm and the head are the
+Transformer's. Each sequence of the batch is one `Segment` of the Block's batched step; attention within
+a sequence is causal and needs no KV cache (`_NoCache` hands each segment's k, v straight back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from apr.errors import AprError
+from apr.model.transformer import Segment, Transformer, rope_tables
+
+
+class _NoCache:
+    """Block.forward's cache for whole sequences at position 0: attention over the segment's own keys."""
+
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor, slot: int = 0):
+        assert pos == 0, "training sequences start at position 0"
+        return k, v
+
+
+_NO_CACHE = _NoCache()
+
+
+def hidden(model: Transformer, ids: torch.Tensor, grad_checkpoint: bool = False) -> torch.Tensor:
+    """ids (B, T) -> final-normed hidden states (B*T, dim), with autograd."""
+    b, t = ids.shape
+    x = model.token_embd(ids.reshape(-1)).float()  # (B*T, dim)
+    cos, sin = rope_tables(model.cfg, t)  # (T, hd/2): apply_rope's reference tables, both rope layouts
+    cos, sin = cos.repeat(b, 1), sin.repeat(b, 1)  # (B*T, hd/2): one row per token of the batch
+    segs = [Segment(i, 0, t) for i in range(b)]
+    for block in model.blk:
+        if grad_checkpoint and torch.is_grad_enabled():  # keep one block's activations at a time
+            x = checkpoint(block, x, 0, cos, sin, _NO_CACHE, None, None, segs, use_reentrant=False)
+        else:
+            x = block(x, 0, cos, sin, _NO_CACHE, None, segs=segs)
+    return model.output_norm(x)
+
+
+def logits(model: Transformer, ids: torch.Tensor, grad_checkpoint: bool = False) -> torch.Tensor:
+    """ids (B, T) -> float32 logits (B*T, vocab)."""
+    return model.output(hidden(model, ids, grad_checkpoint)).float()
+
+
+def token_losses(model: Transformer, windows: torch.Tensor, grad_checkpoint: bool = False) -> torch.Tensor:
+    """windows (B, T+1) -> next-token cross entropy per position (B, T)."""
+    b, t1 = windows.shape
+    z = logits(model, windows[:, :-1], grad_checkpoint)  # (B*T, V)
+    return F.cross_entropy(z, windows[:, 1:].reshape(-1), reduction="none").view(b, t1 - 1)
+
+
+@dataclass
+class Base:
+    path: Path
+    sha256: str
+    model: Transformer
+    tokenizer: object
+    metadata: dict
+
+
+def load_base(spec: str | None, quiet: bool = True) -> Base:
+    """A model for training: assembled from its blocks, nothing materialized (no dense copy is made here)."""
+    from apr import hub
+    from apr.model.load import build_modules
+    from apr.runtime import read_model_file
+    from apr.tokenizer import Tokenizer
+
+    path = hub.resolve_model(spec, quiet=quiet)
+    cfg, metadata, tensors = read_model_file(path)
+    model = Transformer(cfg, build_modules(cfg, tensors))
+    sha = hub.known_sha256(path) or hub.sha256_file(path)
+    return Base(path, sha, model, Tokenizer.from_metadata(metadata), metadata)
+
+
+def tokenizer_fingerprint(metadata: dict) -> str:
+    """sha256 of what decides token ids: the vocabulary, merges, model/pre-tokenizer and special ids."""
+    keys = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
+    h = hashlib.sha256()
+    for k in keys:
+        v = metadata.get(k)
+        v = v.tolist() if hasattr(v, "tolist") else v
+        h.update(json.dumps([k, v], default=str).encode())
+    return h.hexdigest()
+
+
+def check_same_vocab(teacher: Base, student: Base) -> None:
+    ft, fs = tokenizer_fingerprint(teacher.metadata), tokenizer_fingerprint(student.metadata)
+    if ft != fs or teacher.model.cfg.vocab_size != student.model.cfg.vocab_size:
+        raise AprError(f"teacher {teacher.path.name} and student {student.path.name} have different vocabularies "
+                       f"(tokenizer fingerprints {ft[:12]} vs {fs[:12]}); distillation needs the same tokenizer")

@@ -1,0 +1,161 @@
+"""LoRA over the frozen, still-quantized base: linears whose weight is dequantized on the fly.
+
+`attach(model, ...)` swaps the Transformer's QuantLinear modules (named after the GGUF tensors) for
+autograd-capable wrappers: targeted ones get float32 adapters A (r, in) and B (out, r), every other one
+(and the output head) becomes a frozen linear that still passes gradients to its input. In "dequant" mode
+the base weight is rebuilt from its ggml blocks in forward and again in backward (for dX), so no dense
+float32 copy of the model is kept; "dense" mode keeps one per linear (faster when it fits: measure).
+The adapter file format is docs/training.md's `apr-lora/1`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apr.errors import AprError
+from apr.model.load import LINEARS
+from apr.quant import QuantLinear, dequantize
+
+FORMAT = "apr-lora/1"
+
+
+def base_weight(lin: QuantLinear) -> torch.Tensor:
+    """The (out, in) float32 weight: the dense copy if one is prepared, else dequantized from the blocks now."""
+    p = lin.prepared
+    if p is not None and p.dtype == torch.float32 and lin.weight is not None:
+        return lin.weight
+    return dequantize(lin.raw, lin.qtype, (lin.out_features, lin.in_features))
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """y = x @ W.T (+ b) with W frozen: W is not saved for backward but rebuilt from the blocks there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lin: QuantLinear) -> torch.Tensor:
+        ctx.lin = lin
+        return F.linear(x, base_weight(lin), lin._bias32)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        return gy @ base_weight(ctx.lin), None  # (..., out) @ (out, in) -> (..., in)
+
+
+class FrozenLinear(nn.Module):
+    """A base linear for training: no parameters, gradient to its input only."""
+
+    kind = "train"  # apr.quant.linear.fused runs modules that are not "ggml" one by one
+
+    def __init__(self, base: QuantLinear):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantMatmul.apply(x, self.base)
+
+
+class LoRALinear(FrozenLinear):
+    """base(x) + (alpha / r) · B(A(dropout(x))); B starts at zero, so the output starts equal to the base's."""
+
+    def __init__(self, base: QuantLinear, rank: int, alpha: float, dropout: float, gen: torch.Generator):
+        super().__init__(base)
+        self.rank, self.scale = rank, alpha / rank
+        a = torch.empty(rank, base.in_features)
+        bound = 1.0 / math.sqrt(base.in_features)  # kaiming-uniform(a=sqrt(5)), as nn.Linear and peft do
+        a.uniform_(-bound, bound, generator=gen)
+        self.lora_a = nn.Parameter(a)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _DequantMatmul.apply(x, self.base)
+        return y + self.scale * F.linear(F.linear(self.drop(x), self.lora_a), self.lora_b)
+
+
+def parse_targets(text: str | list[str]) -> list[str]:
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    bad = [t for t in names if t not in LINEARS]
+    if bad or not names:
+        raise AprError(f"LoRA target {','.join(bad) or '(none)'} names no module (choose from {','.join(LINEARS)})")
+    return list(dict.fromkeys(names))
+
+
+def attach(model, targets: list[str], rank: int, alpha: float, dropout: float, seed: int,
+           mode: str = "dequant") -> dict[str, LoRALinear]:
+    """Wrap every linear of `model` in place; returns the adapters by GGUF name (`blk.3.attn_q`)."""
+    if rank < 1:
+        raise AprError(f"--rank must be at least 1, got {rank}")
+    targets = parse_targets(targets)
+    gen = torch.Generator().manual_seed(seed)
+    adapters: dict[str, LoRALinear] = {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i, block in enumerate(model.blk):
+        for name in LINEARS:
+            base = getattr(block, name)
+            if not isinstance(base, QuantLinear):
+                raise AprError(f"blk.{i}.{name} is already wrapped; load the base again")
+            _prepare(base, mode)
+            wrapped = LoRALinear(base, rank, alpha, dropout, gen) if name in targets else FrozenLinear(base)
+            setattr(block, name, wrapped)
+            if name in targets:
+                adapters[f"blk.{i}.{name}"] = wrapped
+    _prepare(model.output, mode)
+    model.output = FrozenLinear(model.output)
+    return adapters
+
+
+def _prepare(lin: QuantLinear, mode: str) -> None:
+    if mode == "dense":
+        lin.materialize(torch.float32)  # the dense (out, in) float32 weight, kept
+    elif mode != "dequant":
+        raise AprError(f"unknown weight mode '{mode}' (choose dequant or dense)")
+
+
+def adapter_tensors(adapters: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in adapters.items():
+        out[f"{name}.lora_a"] = m.lora_a.detach().clone().contiguous()
+        out[f"{name}.lora_b"] = m.lora_b.detach().clone().contiguous()
+    return out
+
+
+def load_tensors(adapters: dict[str, LoRALinear], tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, m in adapters.items():
+            m.lora_a.copy_(tensors[f"{name}.lora_a"])
+            m.lora_b.copy_(tensors[f"{name}.lora_b"])
+
+
+def write_adapter(path, adapters: dict[str, LoRALinear], *, rank: int, alpha: float, dropout: float,
+                  targets: list[str], base_sha256: str, base_name: str, n_layers: int, training: dict) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"format": FORMAT, "rank": str(rank), "alpha": str(alpha), "dropout": str(dropout),
+            "targets": ",".join(targets), "base_sha256": base_sha256, "base_name": base_name,
+            "n_layers": str(n_layers), "training": json.dumps(training, sort_keys=True)}
+    save_file(adapter_tensors(adapters), str(path), metadata=meta)
+
+
+def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of an `apr-lora/1` file; meta has rank/alpha/dropout as numbers, targets as a list."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # not a safetensors file, truncated, missing
+        raise AprError(f"{path}: not a readable adapter file ({type(e).__name__}: {e})") from None
+    if raw.get("format") != FORMAT:
+        raise AprError(f"{path}: not an {FORMAT} adapter (format {raw.get('format')!r})")
+    meta = dict(raw, rank=int(raw["rank"]), alpha=float(raw["alpha"]), dropout=float(raw["dropout"]),
+                targets=raw["targets"].split(","), n_layers=int(raw["n_layers"]),
+                training=json.loads(raw.get("training") or "{}"))
+    return tensors, meta
