@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "qa": ("qa", "run the ship gates on a model"),
     "eval": ("eval", "evaluate generated code (python-syntax, humaneval)"),
     "serve": ("serve", "OpenAI- and Ollama-compatible HTTP server with continuous batching"),
+    "finetune": ("finetune", "train LoRA adapters over a frozen quantized model"),
+    "distill": ("distill", "train a student's LoRA adapters against a teacher's top-k log-probs"),
+    "data": ("data", "build the offline training corpus (code-corpus: Python's stdlib sources)"),
 }
 
 
