@@ -3,6 +3,9 @@
 `python-syntax MODEL` parses what it writes for a few short code prompts (nothing is run);
 `humaneval MODEL` runs HumanEval's tests on its solutions in the sandbox (resumable);
 `humaneval --samples FILE.jsonl` scores existing completions, no model needed.
+`perplexity MODEL --text FILE` scores a text by llama-perplexity's method; `--save-logits` / `--kl-base`
+give the KL divergence of a model or dtype against a base (apr.evals.perplexity).
+`--ray [auto|ADDRESS]` spreads the generation over a Ray cluster (apr.evals.distributed).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def setup_parser(p):
     ps.add_argument("--prompts", metavar="FILE", help="prompts: JSON list, JSONL, or text with one per line")
     ps.add_argument("--max-tokens", type=int, default=256, metavar="N", help="tokens per prompt (default 256)")
     _common(ps)
+    ray_args(ps)
     ph = sub.add_parser("humaneval", help="pass@k on the 164 HumanEval problems, tests run in the sandbox",
                         description="Generate solutions to HumanEval and run its tests in the sandbox; rerunning "
                                     "the same command resumes from the out folder. With --samples, score existing "
@@ -45,6 +49,27 @@ def setup_parser(p):
                     help="problems generated at once through the batched engine (default 1); greedy answers are "
                          "the same for any N")
     _common(ph)
+    ray_args(ph)
+    perplexity_parser(sub)
+
+
+def perplexity_parser(sub):
+    pp = sub.add_parser("perplexity", help="perplexity of a text by llama-perplexity's method; KL against a base",
+                        description="Tokenize the text once, cut it into non-overlapping windows of --ctx tokens and "
+                                    "score the second half of each (llama-perplexity's method, comparable with its "
+                                    "figure for the same GGUF and text). --save-logits keeps this model's top "
+                                    "log-probs as a base; --kl-base compares this model or dtype against one.")
+    pp.add_argument("model", metavar="MODEL", help="registry name or path to a .gguf/.apr file")
+    pp.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
+    pp.add_argument("--ctx", type=int, default=512, metavar="N",
+                    help="window length in tokens (default 512); the second half of each window is scored")
+    pp.add_argument("--batch", type=int, metavar="N", help="windows per forward (default 2048 // ctx)")
+    pp.add_argument("--save-logits", metavar="FILE",
+                    help="save the top-32 log-probs of every scored token as a KL base (.npz; an interrupted run "
+                         "resumes from FILE.parts/)")
+    pp.add_argument("--kl-base", metavar="FILE",
+                    help="compare with a base saved by --save-logits: mean KLD, percentiles, same top p, mean dp")
+    _common(pp)
 
 
 def _common(p):
@@ -53,8 +78,34 @@ def _common(p):
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def ray_args(p):
+    g = p.add_argument_group("Ray (many machines)", "one actor per worker holds the model; items go to free "
+                             "actors, a lost worker's item is retried on another; results equal a single-process run")
+    g.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="run on a Ray cluster: auto (RAY_ADDRESS, a local `ray start` cluster, else a new local "
+                        "one) or the head's HOST:PORT / ray://HOST:PORT")
+    g.add_argument("--ray-actors", type=int, metavar="N", help="actors to start (default one per node)")
+    g.add_argument("--ray-cpus", type=float, default=1.0, metavar="C",
+                   help="CPUs each actor takes, and its torch threads (default 1)")
+
+
+def _ray_pool(args):
+    """(pool, whether this process started Ray) for `--ray`, imported only when asked for."""
+    from apr.evals import distributed
+
+    return distributed.open_pool(args)
+
+
+def _ray_close(pool, owned: bool) -> None:
+    from apr.evals import distributed
+
+    pool.close()
+    if owned:
+        distributed.shutdown()
+
+
 def main(args):
-    return {"python-syntax": _python_syntax, "humaneval": _humaneval}[args.eval_name](args)
+    return {"python-syntax": _python_syntax, "humaneval": _humaneval, "perplexity": _perplexity}[args.eval_name](args)
 
 
 def _load(args):
@@ -78,8 +129,18 @@ def _python_syntax(args) -> int:
     prompts = python_syntax.load_prompts(args.prompts) if args.prompts else python_syntax.DEFAULT_PROMPTS
     if args.max_tokens < 1:
         raise AprError("--max-tokens must be at least 1")
-    lm, generate = _load(args)
-    body = python_syntax.run(lm, generate, prompts, args.max_tokens)
+    if getattr(args, "ray", None):
+        from apr.evals import distributed
+
+        pool, owned = _ray_pool(args)
+        try:
+            lm, body = pool.model, distributed.python_syntax(pool, prompts, args.max_tokens)
+            body["ray"] = pool.report(args.ray)
+        finally:
+            _ray_close(pool, owned)
+    else:
+        lm, generate = _load(args)
+        body = python_syntax.run(lm, generate, prompts, args.max_tokens)
     report = {**_model_fields(args, lm), **body, "wall_s": round(time.monotonic() - start, 3)}
     print(json.dumps(report, indent=2) if args.json else python_syntax.format_text(report))
     return 0 if report["n_ok"] == report["n_prompts"] else 1
@@ -149,11 +210,24 @@ def _score_file(args) -> dict:
 
 
 def _generate(args) -> dict:
-    from apr import hub
     from apr.evals import humaneval
 
     problems = humaneval.load_problems(args.limit)
+    if getattr(args, "ray", None):
+        pool, owned = _ray_pool(args)
+        try:
+            return _generate_with(args, problems, pool.model, None, pool)
+        finally:
+            _ray_close(pool, owned)
     lm, generate = _load(args)
+    return _generate_with(args, problems, lm, generate, None)
+
+
+def _generate_with(args, problems: dict, lm, generate, pool) -> dict:
+    """A HumanEval generation run on `lm` here, or on the Ray pool's actors (which hold the same model)."""
+    from apr import hub
+    from apr.evals import humaneval
+
     chat = bool(lm.is_instruct)
     k = args.samples_per_task
     temperature = args.temperature if args.temperature is not None else (0.0 if k == 1 else 0.8)
@@ -171,10 +245,41 @@ def _generate(args) -> dict:
     if not sandbox.get("works"):
         raise AprError(f"the sandbox does not run programs on this machine: {sandbox}")
     out = Path(args.out) if args.out else humaneval.default_out(hub.apr_home(), lm.path, lm.sha256, meta)
-    sampler = humaneval.make_sampler(lm, generate, chat, temperature, args.max_tokens, args.seed, args.parallel)
-    summary = humaneval.run_generation(sampler, problems, out, meta, k, args.workers, args.timeout, args.parallel)
+    if pool is None:
+        sampler = humaneval.make_sampler(lm, generate, chat, temperature, args.max_tokens, args.seed, args.parallel)
+        parallel = args.parallel
+    else:  # two items per actor in flight, so that each has the next one ready when it finishes
+        from apr.evals.distributed import humaneval_sampler
+
+        sampler, parallel = humaneval_sampler(pool, temperature, args.max_tokens, args.seed), 2 * pool.size
+    summary = humaneval.run_generation(sampler, problems, out, meta, k, args.workers, args.timeout, parallel)
     humaneval.write_results(out, summary)
-    return {**_model_fields(args, lm), **{key: v for key, v in meta.items() if key != "model_sha256"},
+    ray_info = {"ray": pool.report(args.ray)} if pool is not None else {}
+    return {**_model_fields(args, lm), **ray_info, **{key: v for key, v in meta.items() if key != "model_sha256"},
             **{key: v for key, v in summary.items() if key != "tasks"}, "out": str(out),
             "sandbox": {"isolation": sandbox["level"], "layers": sandbox},
             "evidence_files": [str(out / n) for n in humaneval.EVIDENCE_FILES if (out / n).exists()]}
+
+
+def _perplexity(args) -> int:
+    from apr.evals import perplexity_run
+
+    try:  # bytes as they are (no newline translation), as llama-perplexity reads its file
+        text = Path(args.text).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise AprError(f"cannot read {args.text}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise AprError(f"{args.text} is not UTF-8 text") from None
+    if args.batch is not None and args.batch < 1:
+        raise AprError("--batch must be at least 1")
+    if args.save_logits and args.kl_base:
+        raise AprError("give --save-logits (score the base) or --kl-base (compare with it), not both")
+    if args.save_logits and not Path(args.save_logits).resolve().parent.is_dir():
+        raise AprError(f"cannot write {args.save_logits}: its folder does not exist")
+    start = time.monotonic()
+    lm, _ = _load(args)
+    body = perplexity_run.run(lm, text, args.ctx, args.batch, args.save_logits, args.kl_base)
+    report = {**_model_fields(args, lm), "dtype": lm.dtype, "backend": lm.backend, "text": args.text, **body,
+              "wall_s": round(time.monotonic() - start, 3)}
+    print(json.dumps(report, indent=2) if args.json else perplexity_run.format_text(report))
+    return 0
