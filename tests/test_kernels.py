@@ -224,6 +224,31 @@ def test_isa_variant_matches_exact_arithmetic(isa, qtype, monkeypatch):
     assert torch.equal(native.dequantize(raw, qtype, k), dequantize(raw, qtype, (n, k)))
 
 
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda q: Q(q).name)
+@pytest.mark.parametrize("isa", list(native.VARIANTS))
+def test_multi_row_kernel_equals_one_row_calls_bit_for_bit(isa, qtype, monkeypatch):
+    """M rows at once (each weight block unpacked once for a tile of rows) give every row the bits that row gets
+    alone through the one-row dot: M = 2..8 inside a tile, 11 and 19 across tiles, every tile size, and an odd
+    number of 32-blocks (the AVX-512 pairs' tail) where the type allows it."""
+    _use_isa(isa, monkeypatch)
+    n, k = 37, 512 if _lookup(qtype).block_size == 256 else 544  # 544: 17 blocks of 32
+    raw, bias = raw_matrix(qtype, n, k, seed=7 + int(qtype)), torch.randn(n)
+    x = torch.randn(19, k, generator=torch.Generator().manual_seed(2)) * torch.logspace(-3, 2, 19)[:, None]
+    x[4, :32] = 0  # a block whose int8 scale is 0
+    one = torch.cat([native.matmul(x[i:i + 1], raw, qtype, n, bias) for i in range(19)])  # (19, n), row by row
+    for m in (2, 3, 4, 5, 6, 7, 8, 11, 19):
+        assert torch.equal(native.matmul(x[:m], raw, qtype, n, bias), one[:m]), f"M={m}"
+    assert torch.equal(native.matmul(x.bfloat16(), raw, qtype, n, bias),
+                       torch.cat([native.matmul(r[None], raw, qtype, n, bias) for r in x.bfloat16()]))
+    old = native.set_row_tile(1)
+    try:
+        for tile in (1, 2, 3, 5, 8):
+            native.set_row_tile(tile)
+            assert torch.equal(native.matmul(x, raw, qtype, n, bias), one), f"tile {tile}"
+    finally:
+        native.set_row_tile(old)
+
+
 def test_unrunnable_isa_is_refused_with_its_reason(monkeypatch):
     monkeypatch.setenv("APR_KERNEL_ISA", "nope")
     assert not native.available() and "APR_KERNEL_ISA=nope" in native.status()

@@ -26,7 +26,9 @@ import torch
 from apr import hub
 from apr.provenance import cpu_flags
 
-SOURCES = [Path(__file__).with_name("csrc") / f for f in ("ggml_matvec.c", "decode_layer.c")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / f for f in ("ggml_matvec.c", "matmul_multi.c", "decode_layer.c")]
+HEADERS = [CSRC / "ggml_blocks.h"]  # not compiled on their own; part of the build's hash
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # ISA variants, best first: (extra flags, /proc/cpuinfo flags the CPU needs to run it). Each is its own .so
 # built with FLAGS + its flags (any x86 compiler builds every variant, whatever CPU it runs on); the first
@@ -50,7 +52,7 @@ def _build(cc: str, isa: str = "avx2") -> Path:
     of the .so itself, written at build time and checked before every load, so a library that is not the
     one apr built (replaced, truncated, left by another version) is rebuilt, never loaded. Both files appear
     atomically; a racing build at worst sees a pair in mid-swap and builds again."""
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     flags = FLAGS + VARIANTS[isa][0]
     key = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
@@ -120,6 +122,7 @@ def _build_and_load(isa: str) -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"native kernel build failed: {e}"
     lib.apr_supports.argtypes = [ctypes.c_int]
+    lib.apr_set_row_tile.argtypes = [ctypes.c_int]
     lib.apr_isa.restype = ctypes.c_char_p
     p = ctypes.c_void_p
     lib.apr_decode_layer.argtypes = [p, p, ctypes.c_int64, p, p, p, p, ctypes.c_int]  # (layer, x, M, pos, slot, cos, sin, threads)
@@ -131,6 +134,13 @@ def _build_and_load(isa: str) -> tuple[ctypes.CDLL | None, str]:
 
 def lib() -> ctypes.CDLL | None:
     return _load()[0]
+
+
+def set_row_tile(rows: int) -> int:
+    """How many rows of x apr_matmul_multi dots with one unpacked weight block (0: the variant's default; 1:
+    each row through the one-row dot). The results are the same bits for every setting: this exists for tests
+    and for benchmarks/batch.py's A/B in one process. Returns the previous setting."""
+    return _load()[0].apr_set_row_tile(int(rows))
 
 
 def available() -> bool:
