@@ -245,3 +245,48 @@ def _qkx_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta
 
 
 _BLOCK_FNS = {T.Q8_0: _q8_0, T.Q5_0: _q5_0, T.Q4_K: _q4_k, T.Q6_K: _q6_k}
+
+
+# ---- which type each tensor gets ----
+
+# llama.cpp's fallbacks when a row is not a whole number of the chosen type's blocks
+_FALLBACK = {T.Q4_K: T.Q5_0, T.Q6_K: T.Q8_0, T.Q5_0: T.F16, T.Q8_0: T.F16}
+MIXES = ("q4_k_m", "q8_0", "f16", "f32")
+# general.file_type (llama_ftype) of each mix
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def plan_types(tensors: dict[str, tuple[int, ...]], mix: str) -> dict[str, int]:
+    """{name: shape} in file order -> {name: ggml type} under `mix`, as llama.cpp's quantizer picks them.
+
+    Q4_K_M: the output head Q6_K (the tied embedding when there is no head), attn_v and ffn_down Q6_K in
+    the layers `_more_bits` picks, everything else Q4_K; the layer index counts tensors in file order (as
+    llama.cpp does, so blk.10 comes before blk.2 in a lexically sorted file). 1-D tensors stay F32."""
+    if mix not in MIXES:
+        raise AprError(f"unknown quantization '{mix}' (choose from {', '.join(MIXES)})")
+    n_v = sum(1 for n in tensors if n.endswith("attn_v.weight"))
+    n_down = sum(1 for n in tensors if n.endswith("ffn_down.weight"))
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    i_v = i_down = 0
+    out = {}
+    for name, shape in tensors.items():
+        if len(shape) < 2 or not name.endswith(".weight") or mix == "f32":
+            out[name] = int(T.F32)
+            continue
+        want = {"f16": T.F16, "q8_0": T.Q8_0}.get(mix, T.Q4_K)
+        if mix == "q4_k_m":
+            if name == head:
+                want = T.Q6_K
+            elif name.endswith("attn_v.weight"):
+                want, i_v = (T.Q6_K if _more_bits(i_v, n_v) else T.Q4_K), i_v + 1
+            elif name.endswith("ffn_down.weight"):
+                want, i_down = (T.Q6_K if _more_bits(i_down, n_down) else T.Q4_K), i_down + 1
+        while want in _FALLBACK and shape[-1] % GGML_QUANT_SIZES[want][0]:
+            want = _FALLBACK[want]
+        out[name] = int(want)
+    return out
