@@ -27,7 +27,8 @@ class GenerationResult:
     stop_reason: str  # "eos" | "stop" | "length"
     prefill_s: float  # start to first token (prefill and its sampling)
     decode_s: float  # first token to last token
-    decode_steps: int  # forward passes in decode_s
+    decode_steps: int  # tokens decoded in decode_s (after the first)
+    speculative: dict | None = None  # with speculation: drafted, accepted, acceptance_rate, passes, tokens_per_pass
 
     @property
     def tokens_generated(self) -> int:
@@ -75,16 +76,20 @@ def prepare_messages(lm, messages: list[dict], add_generation_prompt: bool = Tru
 def submit(lm, prompt: str, *, chat: bool | None = None, system: str | None = None, parallel: int = 1,
            max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
            repeat_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-           cache_prompt: bool = True, constraint: tuple | None = None):
+           cache_prompt: bool = True, constraint: tuple | None = None, speculative: str | None = None,
+           draft_model: str | None = None, draft_max: int | None = None):
     """Queue one prompt on the model's engine (with at least `parallel` slots) -> (rendered prompt, Request).
-    `constraint` (kind, spec) makes the output match a JSON schema, any JSON object, a regex or a grammar."""
+    `constraint` (kind, spec) makes the output match a JSON schema, any JSON object, a regex or a grammar.
+    `speculative` ("ngram" | "draft" | "off"; None: the engine's default) drafts tokens that one target pass
+    verifies, the output unchanged (apr.engine.speculative); "draft" drafts with `draft_model`."""
     from apr.engine import SamplingParams, engine_for
 
     # a list of messages is a whole conversation (apr chat); a string, one prompt
     rendered, prompt_ids = (prepare_messages(lm, prompt) if isinstance(prompt, list)
                             else prepare_prompt(lm, prompt, chat, system))
     params = SamplingParams(max(0, max_tokens), temperature, top_k, top_p, min_p, repeat_penalty, seed,
-                            list(stop or []), cache_prompt=cache_prompt, constraint=constraint)
+                            list(stop or []), cache_prompt=cache_prompt, constraint=constraint,
+                            speculative=speculative, draft_model=draft_model, draft_max=draft_max)
     eng = engine_for(lm, parallel)
     eng.max_queue = max(eng.max_queue, parallel)
     return rendered, eng.submit(prompt_ids, params)

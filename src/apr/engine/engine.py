@@ -3,7 +3,8 @@
 Each step (1) retires cancelled sequences, (2) admits waiting requests into free slots, reusing the longest
 cached prefix any free slot holds (the prefix cache), (3) prefills the next chunk of each admitted prompt's
 uncached rest, and (4) decodes one token for every running sequence in ONE forward (`Transformer.step`), the weights read once
-for the whole batch. Requests join and leave between steps; sampling is per sequence. Which implementation
+for the whole batch; a speculating sequence adds its drafted tokens as further rows of that forward and keeps
+as many as the target agrees with (apr.engine.speculative). Requests join and leave between steps; sampling is per sequence. Which implementation
 runs a step is `Transformer.step_impl`, the one place it is decided; the engine reports it.
 """
 
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+from apr.engine import speculative as spec
 from apr.engine.request import Event, Request, SamplingParams
 from apr.engine.sampling import apply_repeat_penalty, make_sampler, token_logprobs
 from apr.errors import AprError, ContextOverflow
@@ -56,6 +58,11 @@ class Engine:
         self.counters = collections.Counter()
         self.last_batch_size = 0
         self._decode_window: collections.deque = collections.deque(maxlen=64)  # (time, tokens) per decode step
+        self.spec_default = dict(spec.DEFAULT)  # for requests that do not choose (`apr serve --speculative`)
+        self._drafters: dict[str, spec.DraftModel] = {}
+        self._draft_lock = threading.Lock()
+        if self.spec_default["mode"] != "off":  # a bad default (an unloadable draft) fails at start, not per request
+            self._spec_for(SamplingParams())
 
     # ---- submitting ----
 
@@ -69,6 +76,7 @@ class Engine:
         params.max_tokens = min(params.max_tokens, self.ctx - len(prompt_ids))
         req = Request(self, prompt_ids, params, self.tok.stream_decoder(), self.tok.stop_ids)
         req.sampler = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
+        req.spec = self._spec_for(params)
         if params.constraint is not None:  # compiled here, so a bad grammar is the submitter's error
             from apr.engine.constrain import Constraint
 
@@ -82,6 +90,22 @@ class Engine:
             self.counters["requests_total"] += 1
             self._wakeup.notify_all()
         return req
+
+    def _spec_for(self, params: SamplingParams) -> dict | None:
+        """The request's speculation (mode, k, drafter, history) or None; loads a draft model on first use."""
+        mode = params.speculative or self.spec_default["mode"]
+        spec.check_mode(mode, params.draft_max)
+        if mode == "off":
+            return None
+        drafter = None
+        if mode == "draft":
+            name = params.draft_model or self.spec_default["draft_model"]
+            if not name:
+                raise AprError("--speculative draft needs --draft-model NAME (a smaller model with the same vocabulary)")
+            with self._draft_lock:  # one load per name, even with concurrent submitters
+                drafter = self._drafters.get(name) or self._drafters.setdefault(name, spec.DraftModel(self.lm, name))
+        k = params.draft_max or self.spec_default["draft_max"] or spec.DRAFT_MAX[mode]
+        return {"mode": mode, "k": k, "drafter": drafter, "history": []}
 
     def _wake(self) -> None:
         with self._lock:
@@ -234,28 +258,78 @@ class Engine:
         self._sample(req, logits[-1])
 
     def _decode(self, batch: list[Request]) -> None:
+        """One forward for the batch: each sequence's last token, and after it the tokens it drafted (one-row
+        segments of its slot at consecutive positions: each row's logits come back)."""
         if not batch:
             return
-        segs = [Segment(r.slot, r.fed, 1) for r in batch]
-        ids = torch.tensor([r.tokens[-1] for r in batch], dtype=torch.long)
+        drafts = [self._draft(r) for r in batch]  # (tokens, q per token or None)
+        segs, ids = [], []
+        for r, (d, _) in zip(batch, drafts):
+            segs += [Segment(r.slot, r.fed + i, 1) for i in range(len(d) + 1)]
+            ids += [r.tokens[-1]] + d
         self.step_impl = self.model.step_impl(segs)
-        logits = self.model.step(ids, segs)  # (B, vocab)
-        for r in batch:
-            r.fed += 1
+        logits = self.model.step(torch.tensor(ids, dtype=torch.long), segs)  # (rows, vocab): one per segment
         self.last_batch_size = len(batch)
         self.counters["steps_total"] += 1
         self.counters[f"batch_size_{len(batch)}"] += 1
-        self._decode_window.append((time.perf_counter(), len(batch)))
-        for r, row in zip(batch, logits):
-            self._sample(r, row)
+        before, row = self.counters["generated_tokens_total"], 0
+        for r, (d, qs) in zip(batch, drafts):
+            self._verify(r, logits[row : row + len(d) + 1], d, qs)
+            row += len(d) + 1
+        self._decode_window.append((time.perf_counter(), self.counters["generated_tokens_total"] - before))
 
-    def _sample(self, req: Request, logits: torch.Tensor) -> None:
-        history = (req.prompt_ids + req.tokens)[-REPEAT_LAST_N:]
-        logits = apply_repeat_penalty(logits, history, req.params.repeat_penalty)
+    def _draft(self, req: Request) -> tuple[list[int], list | None]:
+        s = req.spec
+        # room: every row's position inside the cache, and no more tokens than the request may still take
+        k = 0 if s is None else min(s["k"], req.params.max_tokens - len(req.tokens) - 1,
+                                    self.model.cache.capacity - req.fed - 1)
+        if k <= 0:
+            return [], None
+        hist = s["history"]  # prompt + generated, extended in place (both only grow)
+        if not hist:
+            hist += req.prompt_ids
+        hist += req.tokens[len(hist) - len(req.prompt_ids) :]
+        if s["drafter"] is None:
+            return spec.ngram_draft(hist, k), None
+        return s["drafter"].draft(req.slot, hist, k, req.sampler)
+
+    def _verify(self, req: Request, rows: torch.Tensor, draft: list[int], qs: list | None) -> None:
+        """Row i's logits give the token after row i's input; keep going while they agree with the draft.
+        `fed` counts only rows whose input is the sequence's real token: a rejected draft's KV is never trusted."""
+        req.fed += 1  # the last token's row
+        req.passes += 1
+        self.counters["seq_passes_total"] += 1
+        if draft:
+            req.spec_passes += 1
+            req.spec_drafted += len(draft)
+            self.counters["spec_drafted_total"] += len(draft)
+        for i in range(rows.shape[0]):
+            d = draft[i] if i < len(draft) else None
+            token, accepted, finished = self._sample(req, rows[i], d, qs[i] if qs else None)
+            self.counters["decode_tokens_total"] += 1
+            if accepted:
+                req.spec_accepted += 1
+                self.counters["spec_accepted_total"] += 1
+                if token not in req.stop_ids:  # appended: its row's KV is the sequence's
+                    req.fed += 1
+            if finished or not accepted:
+                return
+
+    def _sample(self, req: Request, logits: torch.Tensor, draft: int | None = None,
+                q: torch.Tensor | None = None) -> tuple[int, bool, bool]:
+        """Choose, report and take one token -> (token, it is the drafted one, the sequence finished)."""
+        if req.params.repeat_penalty != 1.0:  # the last REPEAT_LAST_N ids, without copying the whole history
+            tail = req.tokens[-REPEAT_LAST_N:]
+            short = REPEAT_LAST_N - len(tail)
+            history = (req.prompt_ids[-short:] if short else []) + tail
+            logits = apply_repeat_penalty(logits, history, req.params.repeat_penalty)
         c = req.constraint
         if c is not None:  # before sampling, greedy or not: what the grammar forbids cannot be drawn
             logits = c.mask(logits)
-        token = req.sampler(logits)
+        if draft is None:
+            token, accepted = req.sampler(logits), False
+        else:
+            token, accepted = spec.choose(req.sampler, logits, draft, q)
         lp = top = None
         if req.params.logprobs is not None:
             lp, top = token_logprobs(logits, token, req.params.logprobs)
@@ -274,6 +348,7 @@ class Engine:
         if finished:
             with self._lock:
                 self._release(req)
+        return token, accepted, finished
 
     # ---- reporting ----
 
@@ -283,7 +358,10 @@ class Engine:
         tok_s = sum(n for _, n in list(w)[1:]) / span if span > 0 else 0.0
         with self._lock:
             return {**{k: self.counters[k] for k in ("requests_total", "prompt_tokens_total", "generated_tokens_total",
-                                                     "cached_tokens_total", "steps_total")},
+                                                     "cached_tokens_total", "steps_total", "spec_drafted_total",
+                                                     "spec_accepted_total")},
+                    "acceptance_rate": spec.ratio(self.counters["spec_accepted_total"], self.counters["spec_drafted_total"]),
+                    "tokens_per_pass": spec.ratio(self.counters["decode_tokens_total"], self.counters["seq_passes_total"]),
                     "queue_depth": len(self.waiting), "active": len(self.running),
                     "last_batch_size": self.last_batch_size, "decode_tok_s": round(tok_s, 3),
                     "step_impl": self.step_impl, "parallel": self.parallel,

@@ -32,6 +32,9 @@ class SamplingParams:
     stop_ids: set[int] | None = None  # ids that end the sequence (default: the tokenizer's)
     cache_prompt: bool = True  # reuse a slot's KV for a shared prompt prefix (bench turns it off)
     constraint: tuple | None = None  # (kind, spec): kind in apr.engine.constrain.KINDS; the output must match it
+    speculative: str | None = None  # "ngram" | "draft" | "off" (None: the engine's default, apr.engine.speculative)
+    draft_model: str | None = None  # with "draft": the drafting model (same vocabulary as the target)
+    draft_max: int | None = None  # tokens drafted per pass (None: the mode's default)
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Request:
         self.t_submit = time.perf_counter()
         self.t_admit = self.t_first = self.t_last = None
         self.decode_steps = -1  # the first token costs the prefill, not a decode step
+        self.spec: dict | None = None  # speculation (apr.engine.speculative), set by the engine
+        self.passes = self.spec_passes = self.spec_drafted = self.spec_accepted = 0  # decode forwards, drafts
 
     # ---- caller side ----
 
@@ -130,7 +135,20 @@ class Request:
         t_first = self.t_first or time.perf_counter()
         t_last = self.t_last or t_first
         return GenerationResult(self.text, self.tokens, self.prompt_ids, "", self.stop_reason or "error",
-                                t_first - (self.t_admit or t_first), t_last - t_first, max(self.decode_steps, 0))
+                                t_first - (self.t_admit or t_first), t_last - t_first, max(self.decode_steps, 0),
+                                self.spec_report())
+
+    def spec_report(self) -> dict | None:
+        """Speculation's figures: drafted and accepted tokens, their ratio, and decode tokens per target pass."""
+        if self.spec is None:
+            return None
+        from apr.engine.speculative import ratio
+
+        d = self.spec["drafter"]
+        return {"mode": self.spec["mode"], "draft_model": d.name if d else None, "draft_max": self.spec["k"],
+                "drafted": self.spec_drafted, "accepted": self.spec_accepted,
+                "acceptance_rate": ratio(self.spec_accepted, self.spec_drafted), "passes": self.passes,
+                "tokens_per_pass": ratio(max(self.decode_steps, 0), self.passes)}
 
     # ---- engine side ----
 
@@ -155,8 +173,11 @@ class Request:
             self.finish("eos", Event(None, "", logprob, top))
             return True
         self.tokens.append(token)
-        self.text += self._decoder.push(token)  # only whole characters; a partial UTF-8 sequence waits
-        cut = _stop_at(self.text, self.params.stop)
+        new = self._decoder.push(token)  # only whole characters; a partial UTF-8 sequence waits
+        # a new match ends in the new text, so it starts at most (longest stop - 1) characters before it
+        start = max(0, len(self.text) - self._hold)
+        self.text += new
+        cut = _stop_at(self.text, self.params.stop, start) if new and self.params.stop else -1
         if cut >= 0:
             self.text = self.text[:cut]
             self.finish("stop", Event(token, "", logprob, top))
@@ -184,6 +205,7 @@ class Request:
         self._done.set()
 
 
-def _stop_at(text: str, stops: list[str]) -> int:
-    cut = [text.find(s) for s in stops if s and s in text]
+def _stop_at(text: str, stops: list[str], start: int = 0) -> int:
+    """The first position at or after `start` where a stop string begins, or -1."""
+    cut = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(cut) if cut else -1
