@@ -1,4 +1,4 @@
-"""The AVX2 matvec that reads ggml blocks in place (csrc/ggml_matvec.c), built on first use.
+"""The native kernels that read ggml blocks in place (csrc/*.c), built on first use.
 
 Decode steps multiply one row of activations by every weight: memory-bound work where torch's int4
 kernel is compute-bound on AVX2 CPUs. The C kernel dots int8-quantized activations with the raw

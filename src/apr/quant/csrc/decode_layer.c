@@ -3,7 +3,7 @@
  * Why: a decode step of a small model is ~200 tiny torch ops per layer (norms, rope, cache writes,
  * attention over a few hundred keys, residual adds), each costing microseconds of dispatch: on the 2-core
  * dev box that was ~15 ms of a ~60 ms token. Here the same math runs in C on float32 activations, with
- * the weights' matvecs going through apr_matmul_multi (ggml_matvec.c). The block mirrors
+ * the weights' matvecs going through apr_matmul_multi (matmul_multi.c). The block mirrors
  * apr/model/transformer.py (Block.forward): RMSNorm, q/k/v (+ bias), rope, KV cache write, causal GQA
  * attention, output projection, residual, RMSNorm, SwiGLU FFN, residual. tests/test_native.py checks it
  * against the torch block on tiny random models of both architectures.

@@ -1,5 +1,7 @@
-/* y = x @ W.T straight from ggml blocks, for the few rows of a decode step (AVX2 + FMA + F16C; built a
- * second time with AVX-512 F/BW/VL + VNNI, see dot_us and dot_k: the same results bit for bit).
+/* The one-row dots: y = x @ W.T straight from ggml blocks for one row of x (AVX2 + FMA + F16C; built a
+ * second time with AVX-512 F/BW/VL + VNNI, see dot_us and dot_k: the same results bit for bit), and the
+ * dequantization for prefill tiles. apr_matmul_multi (matmul_multi.c) runs these for M = 1 and its own
+ * multi-row dots, the same arithmetic per row, for more; ggml_blocks.h holds the pieces both use.
  *
  * Why: torch has no kernel that reads ggml blocks, and its int4 kernel runs at ~5 G weights/s per core
  * on AVX2, so a decode step was compute-bound far below the memory roofline. Here each row of x is
