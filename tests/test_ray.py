@@ -43,21 +43,43 @@ def single(tiny_qwen):
     return python_syntax.run(lm, generate, PROMPTS, MAX_TOKENS)
 
 
-def _pool(tiny_qwen):
-    return distributed.Pool(str(tiny_qwen), actors=2, cpus=1, dtype="float32", backend="cpu")
+@pytest.fixture(scope="module")
+def pool(cluster, tiny_qwen):
+    """Two actors, shared by the tests below in file order (the last one kills one of them)."""
+    p = distributed.Pool(str(tiny_qwen), actors=2, cpus=1, dtype="float32", backend="cpu")
+    yield p
+    p.close()
 
 
-def test_a_killed_worker_has_its_items_retried_on_the_other(cluster, tiny_qwen, single):
-    pool = _pool(tiny_qwen)
-    try:
-        jobs = [pool.submit("python-syntax", p, MAX_TOKENS) for p in PROMPTS]
-        first, where = pool.result(jobs[0])
-        victim = next(w["pid"] for w in pool.info.values() if w["pid"] != where["pid"])
-        os.kill(victim, signal.SIGKILL)  # mid-run: the other actor is busy with (or about to get) an item
-        results = [first] + [pool.result(j)[0] for j in jobs[1:]]
-        report = pool.report("test")
-    finally:
-        pool.close()
+TEXT = "the theme is in the details; def add(a, b): return a + b. In the beginning was the word. " * 3
+
+
+def test_perplexity_over_two_workers_equals_the_single_process_run(pool, tiny_qwen, tmp_path):
+    """The same windows in the same batches: per-window nll, the figure, and a saved base file, as one process."""
+    import numpy as np
+
+    from apr.evals import logits_file, perplexity_run
+
+    lm = load_model(str(tiny_qwen), dtype="float32", backend="cpu", quiet=True)
+    one = perplexity_run.run(lm, TEXT, 16, 2, str(tmp_path / "one.npz"), progress=False)
+    many = distributed.perplexity(pool, TEXT, 16, 2, str(tmp_path / "ray.npz"))
+    assert one["n_windows"] == many["n_windows"] >= 8
+    assert many["ppl"] == pytest.approx(one["ppl"], rel=1e-6) and many["ppl_error"] == pytest.approx(one["ppl_error"], rel=1e-5)
+    a, b = logits_file.read(tmp_path / "one.npz"), logits_file.read(tmp_path / "ray.npz")
+    assert a["header"] == b["header"]
+    np.testing.assert_allclose(b["nll"], a["nll"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(b["top_ids"][:, 0], a["top_ids"][:, 0])
+    assert [w for sh in many["shards"] for w in sh["windows"]] == list(range(many["n_windows"]))
+    assert len({sh["pid"] for sh in many["shards"]}) == 2  # both actors scored windows
+
+
+def test_a_killed_worker_has_its_items_retried_on_the_other(pool, single):
+    jobs = [pool.submit("python-syntax", p, MAX_TOKENS) for p in PROMPTS]
+    first, where = pool.result(jobs[0])
+    victim = next(w["pid"] for w in pool.info.values() if w["pid"] != where["pid"])
+    os.kill(victim, signal.SIGKILL)  # mid-run: the other actor is busy with (or about to get) an item
+    results = [first] + [pool.result(j)[0] for j in jobs[1:]]
+    report = pool.report("test")
     assert _same(results) == _same(single["results"])
     assert [w["pid"] for w in report["lost_workers"]] == [victim] and report["retried_items"] >= 1
 

@@ -70,6 +70,7 @@ def perplexity_parser(sub):
     pp.add_argument("--kl-base", metavar="FILE",
                     help="compare with a base saved by --save-logits: mean KLD, percentiles, same top p, mean dp")
     _common(pp)
+    ray_args(pp)
 
 
 def _common(p):
@@ -277,8 +278,19 @@ def _perplexity(args) -> int:
     if args.save_logits and not Path(args.save_logits).resolve().parent.is_dir():
         raise AprError(f"cannot write {args.save_logits}: its folder does not exist")
     start = time.monotonic()
-    lm, _ = _load(args)
-    body = perplexity_run.run(lm, text, args.ctx, args.batch, args.save_logits, args.kl_base)
+    if getattr(args, "ray", None):
+        from apr.evals import distributed
+
+        pool, owned = _ray_pool(args)
+        try:
+            lm = pool.model
+            body = distributed.perplexity(pool, text, args.ctx, args.batch, args.save_logits, args.kl_base)
+            body["ray"] = pool.report(args.ray)
+        finally:
+            _ray_close(pool, owned)
+    else:
+        lm, _ = _load(args)
+        body = perplexity_run.run(lm, text, args.ctx, args.batch, args.save_logits, args.kl_base)
     report = {**_model_fields(args, lm), "dtype": lm.dtype, "backend": lm.backend, "text": args.text, **body,
               "wall_s": round(time.monotonic() - start, 3)}
     print(json.dumps(report, indent=2) if args.json else perplexity_run.format_text(report))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections import deque
 from types import SimpleNamespace
 from typing import Any
@@ -66,7 +67,20 @@ def _syntax_item(lm, prompt: str, max_tokens: int) -> dict:
     return python_syntax.run(lm, generate, [prompt], max_tokens)["results"][0]
 
 
-RUNNERS = {"humaneval": _humaneval_item, "python-syntax": _syntax_item}
+def _perplexity_prepare(lm, text: str, ctx: int):
+    from apr.evals import perplexity_run
+
+    return perplexity_run.prepare(lm, text, ctx)
+
+
+def _perplexity_item(lm, group: list, base_ids: list | None):
+    from apr.evals import perplexity as ppl
+
+    return ppl.score_windows(lm, group, ppl.TOP_K, base_ids)
+
+
+RUNNERS = {"humaneval": _humaneval_item, "python-syntax": _syntax_item, "perplexity-prepare": _perplexity_prepare,
+           "perplexity": _perplexity_item}
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -287,3 +301,64 @@ def python_syntax(pool: Pool, prompts: list[str], max_tokens: int) -> dict:
     n_ok = sum(r["ok"] for r in results)
     return {"prompt_style": "chat" if pool.model.is_instruct else "completion", "n_prompts": len(results),
             "n_ok": n_ok, "pass_rate": round(n_ok / len(results), 6) if results else 0.0, "results": results}
+
+
+def perplexity(pool: Pool, text: str, ctx: int, batch: int | None = None, save_logits: str | None = None,
+               kl_base: str | None = None) -> dict:
+    """perplexity_run.run with its batches of windows scored on the pool: the same groups of windows as the
+    single-process run (so the same forwards), merged and reduced by the same functions, the base's log-probs
+    saved as each batch lands (an interrupted run resumes) or compared with. Each batch names its worker."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from apr.evals import logits_file
+    from apr.evals import perplexity as ppl
+    from apr.evals import perplexity_run
+
+    if save_logits and kl_base:
+        raise AprError("give --save-logits (score the base) or --kl-base (compare with it), not both")
+    batch = batch or perplexity_run.default_batch(ctx)
+    if batch < 1:
+        raise AprError("--batch must be at least 1")
+    (wins, header), _ = pool.result(pool.submit("perplexity-prepare", text, ctx))  # tokenized on a worker
+    n = ppl.n_scored(ctx)
+    base = perplexity_run._base(kl_base, header) if kl_base else None
+    parts = logits_file.Parts(save_logits, header) if save_logits else None
+    done = parts.load() if parts else {}
+    if parts:
+        parts.start()
+    todo = [w for w in wins if w.index not in done]
+    groups = [todo[at:at + batch] for at in range(0, len(todo), batch)]
+    jobs = [pool.submit("perplexity", g, [base["top_ids"][w.index * n:(w.index + 1) * n] for w in g] if base else None)
+            for g in groups]
+    scores, running, shards, t0 = dict(done), ppl.Running(), [], time.perf_counter()
+    for i in sorted(done):
+        running.add(done[i].nll)
+    bar = tqdm(total=len(wins), initial=len(done), desc="perplexity", unit="window", file=sys.stderr, disable=None)
+    for group, jid in zip(groups, jobs):
+        got, where = pool.result(jid)
+        for sc in got:
+            scores[sc.index] = sc
+            running.add(sc.nll)
+            if parts:
+                parts.add(sc)
+        shards.append({"windows": [w.index for w in group], **where})
+        bar.set_postfix_str(f"ppl {running.text()}")
+        bar.update(len(group))
+    bar.close()
+    wall = time.perf_counter() - t0
+    merged = ppl.merge([scores.values()])
+    report = {"ctx": ctx, "batch": batch, "n_windows": len(wins), "windows_resumed": len(done),
+              "tokens_evaluated": len(todo) * ctx, "score_s": round(wall, 3),
+              "tok_s": round(len(todo) * ctx / wall, 2) if todo and wall > 0 else None,
+              "add_bos": header["add_bos"], "text_sha256": header["text_sha256"],
+              "tokenizer_sha256": header["tokenizer_sha256"],
+              **ppl.perplexity_stats(np.concatenate([sc.nll for sc in merged])), "shards": shards}
+    if save_logits:
+        logits_file.write(save_logits, header, merged)
+        parts.finish()
+        report["saved_logits"] = save_logits
+    if base:
+        report["kl"] = {"base": kl_base, "base_model_sha256": base["header"]["model_sha256"],
+                        "base_dtype": base["header"]["dtype"], **ppl.kl_stats(base, merged)}
+    return report
