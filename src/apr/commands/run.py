@@ -25,6 +25,7 @@ def setup_parser(p):
     shape.add_argument("--json-object", action="store_true", help="the answer is one JSON object")
     shape.add_argument("--grammar", metavar="FILE", help="the answer matches this grammar (.gbnf or .lark)")
     shape.add_argument("--regex", metavar="RE", help="the answer matches this regular expression")
+    add_speculative_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
 
@@ -37,7 +38,7 @@ def main(args):
     constraint = constraint_arg(args)  # read before the load: a bad file fails at once
     lm = load(args, quiet=args.json or args.quiet)
     result = None
-    kw = sampling_kwargs(args)
+    kw = {**sampling_kwargs(args), **speculative_kwargs(args)}
     if constraint is not None:
         kw["constraint"] = constraint
     for r in stream_generate(lm, prompt, chat=args.chat, system=args.system, **kw):
@@ -53,7 +54,7 @@ def main(args):
     if not args.quiet:
         print(f"[{lm.backend} {lm.dtype} {lm.engine.step_impl}] prompt {len(result.prompt_tokens)} tok at {result.prefill_tok_s:.1f} tok/s, "
               f"generated {result.tokens_generated} tok at {result.decode_tok_s:.1f} tok/s, "
-              f"stop: {result.stop_reason}, load {lm.load_s:.2f}s, wall {wall:.2f}s", file=sys.stderr)
+              f"stop: {result.stop_reason}{spec_summary(result)}, load {lm.load_s:.2f}s, wall {wall:.2f}s", file=sys.stderr)
     return 0
 
 
@@ -67,8 +68,38 @@ def report(lm, result, wall: float) -> dict:
         "prefill_tok_s": round(result.prefill_tok_s, 3), "decode_tok_s": round(result.decode_tok_s, 3),
         "load_s": round(lm.load_s, 3), "wall_s": round(wall, 3),
         "backend": lm.backend, "dtype": lm.dtype, "step_impl": lm.engine.step_impl, "kernel_isa": _kernel_isa(),
-        "backend_chain": lm.backend_chain,
+        "backend_chain": lm.backend_chain, "speculative": result.speculative,
     }
+
+
+def add_speculative_args(p) -> None:
+    p.add_argument("--speculative", choices=["ngram", "draft", "off"], default=None,
+                   help="draft tokens and verify them in one pass, the output unchanged: ngram looks them up in the "
+                        "prompt and the text so far (suits editing code), draft asks --draft-model (default: off)")
+    p.add_argument("--draft-model", metavar="NAME", default=None,
+                   help="with --speculative draft: a smaller model with the same vocabulary (e.g. the 0.5B for the 1.5B)")
+    p.add_argument("--draft-max", metavar="K", type=int, default=None,
+                   help="tokens drafted per pass (default: 8 for ngram, 4 for draft)")
+
+
+def speculative_kwargs(args) -> dict:
+    from apr.errors import AprError
+
+    if args.draft_model and args.speculative is None:
+        args.speculative = "draft"  # a draft model given is a draft model asked for
+    if args.speculative == "draft" and not args.draft_model:
+        raise AprError("--speculative draft needs --draft-model NAME")
+    if args.draft_max is not None and args.draft_max < 1:
+        raise AprError(f"--draft-max must be at least 1, got {args.draft_max}")
+    return dict(speculative=args.speculative, draft_model=args.draft_model, draft_max=args.draft_max)
+
+
+def spec_summary(result) -> str:
+    s = result.speculative
+    if not s or not s["passes"]:
+        return ""
+    rate = f"{100 * s['acceptance_rate']:.0f}%" if s["acceptance_rate"] is not None else "-"
+    return f", {s['mode']} drafts accepted {rate}, {s['tokens_per_pass']:.2f} tok/pass"
 
 
 def constraint_arg(args) -> tuple | None:

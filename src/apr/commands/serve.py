@@ -54,6 +54,9 @@ def setup_parser(p):
                    help="tokens a request may generate when it sets no limit (default 4096; never past the context)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads for the model (default: torch's choice)")
+    from apr.commands.run import add_speculative_args
+
+    add_speculative_args(p)
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from this origin (repeatable; '*' for any); no CORS without it")
 
@@ -63,6 +66,13 @@ def main(args):
 
     if args.threads:  # before torch loads: OpenMP reads it once, for every thread the engine runs on
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    from apr.commands.run import speculative_kwargs
+
+    spec = speculative_kwargs(args)
+    if spec["speculative"]:  # the default of every request the server's engine runs
+        from apr.engine import speculative
+
+        speculative.configure(spec["speculative"], spec["draft_model"], spec["draft_max"])
     from apr.serve.server import serve
 
     return serve(args)
