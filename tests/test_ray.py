@@ -151,3 +151,15 @@ def test_unreachable_address_is_one_line(tmp_path, tiny_qwen):
     bad = subprocess.run([sys.executable, "-m", "apr.cli", "eval", "python-syntax", str(tiny_qwen), "--ray", "nohost"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--ray wants" in bad.stderr
+
+
+def test_pv_discharge_passes_ray_to_eval_checks_only():
+    from pathlib import Path
+
+    from apr.contracts.discharge import build_argv
+
+    argv = build_argv("apr eval humaneval {model} --json", Path("/m.gguf"), "10.0.0.1:6379")
+    assert argv[-5:] == ["humaneval", "/m.gguf", "--json", "--ray", "10.0.0.1:6379"]
+    assert "--ray" not in build_argv("apr qa {model} --json", Path("/m.gguf"), "10.0.0.1:6379")
+    assert "--ray" not in build_argv("apr eval humaneval {model} --json", Path("/m.gguf"))
+    assert build_argv("apr eval python-syntax {model} --ray auto", Path("/m.gguf"), "h:1").count("--ray") == 1

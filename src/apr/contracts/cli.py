@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evidence root (default: evidence/ next to the contract's folder)")
     d.add_argument("--timeout", type=float, metavar="S", help="check timeout in seconds "
                    "(default: check.timeout_s, else 3600)")
+    d.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="pass --ray ADDRESS to `apr eval` checks: the eval runs on that Ray cluster, and the evidence "
+                        "records where each item ran")
     d.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
     vf = sub.add_parser("verify", help="re-run a criterion's recorded check and see if the verdict reproduces",
@@ -144,7 +147,8 @@ def cmd_discharge(args) -> int:
     worst = 0
     for cid in ids:
         try:
-            out = discharge(args.contract, cid, args.model, args.evidence_dir, args.timeout, args.allow_weak_isolation)
+            out = discharge(args.contract, cid, args.model, args.evidence_dir, args.timeout, args.allow_weak_isolation,
+                            args.ray)
         except ContractError as e:
             if not args.stale:
                 raise

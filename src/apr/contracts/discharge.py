@@ -65,14 +65,17 @@ def program(name: str) -> list[str]:
     return [sys.executable, "-m", _MODULES[name]]
 
 
-def build_argv(command: str, model: Path) -> list[str]:
+def build_argv(command: str, model: Path, ray: str | None = None) -> list[str]:
     # substitute after splitting, so a path with spaces or quotes stays one argument
     first, *rest = shlex.split(command)
-    return program(first) + [arg.replace("{model}", str(model)) for arg in rest]
+    argv = program(first) + [arg.replace("{model}", str(model)) for arg in rest]
+    if ray and first == "apr" and rest[:1] == ["eval"] and "--ray" not in rest:
+        argv += ["--ray", ray]  # `pv discharge --ray`: an eval spread over the cluster (recorded in argv)
+    return argv
 
 
-def run_check(command: str, model: Path, cwd: Path, timeout_s: float) -> Run:
-    argv = build_argv(command, model)
+def run_check(command: str, model: Path, cwd: Path, timeout_s: float, ray: str | None = None) -> Run:
+    argv = build_argv(command, model, ray)
     start = time.perf_counter()
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, errors="replace", timeout=timeout_s)
@@ -189,7 +192,7 @@ def _resolve(spec: str) -> tuple[Path, str]:
 
 
 def discharge(contract: Path, cid: str, model: str | None = None, evidence_root: Path | None = None,
-              timeout_s: float | None = None, allow_weak_isolation: bool = False) -> Outcome:
+              timeout_s: float | None = None, allow_weak_isolation: bool = False, ray: str | None = None) -> Outcome:
     contract = Path(contract)
     result = checked(contract)
     meta, crit = result.contract.metadata, _find(result.contract.criteria, cid, contract)
@@ -198,7 +201,7 @@ def discharge(contract: Path, cid: str, model: str | None = None, evidence_root:
         raise ContractError(f"refusing to discharge {cid}: {artifact} has sha256 {actual}, "
                             f"the contract names {meta.model.artifact_sha256}")
     run, doc, facts, steps, observed = run_and_judge(contract, crit, meta, artifact, actual, timeout_s,
-                                                     allow_weak_isolation)
+                                                     allow_weak_isolation, ray)
     ok = holds(steps)
     status = "DISCHARGED" if ok else "FALSIFIED"
     root = ev.contract_root(Path(evidence_root) if evidence_root else base_dir(contract) / "evidence", contract)
@@ -230,10 +233,10 @@ def checked(contract: Path):
 
 
 def run_and_judge(contract: Path, crit: Criterion, meta, artifact: Path, actual: str, timeout_s: float | None,
-                  allow_weak_isolation: bool = False):
+                  allow_weak_isolation: bool = False, ray: str | None = None):
     """Run the check and evaluate its verification chain: (run, doc, facts, steps, observed)."""
     run = run_check(crit.check.command, artifact.resolve(), base_dir(contract),
-                    timeout_s or crit.check.timeout_s or DEFAULT_TIMEOUT_S)
+                    timeout_s or crit.check.timeout_s or DEFAULT_TIMEOUT_S, ray)
     doc = last_json_object(run.stdout)
     if doc is None:
         tail = (run.stderr.strip().splitlines() or ["(no stderr)"])[-1]
