@@ -86,6 +86,7 @@ def test_batching_does_not_change_the_scores(lm32):
     for a, b in zip(one, together):
         np.testing.assert_allclose(a.nll, b.nll, rtol=1e-5, atol=1e-4)
         assert (a.top_ids[:, 0] == b.top_ids[:, 0]).all()
+    assert [w.index for w in perplexity_run.prepare(lm32, TEXT, CTX, chunks=2)[0]] == [0, 1]
     with pytest.raises(AprError, match="not the windows"):
         ppl.merge([ppl.score_windows(lm32, wins[1:2])])
 

@@ -64,6 +64,7 @@ def perplexity_parser(sub):
     pp.add_argument("--ctx", type=int, default=512, metavar="N",
                     help="window length in tokens (default 512); the second half of each window is scored")
     pp.add_argument("--batch", type=int, metavar="N", help="windows per forward (default 2048 // ctx)")
+    pp.add_argument("--chunks", type=int, metavar="N", help="score only the first N windows (default all)")
     pp.add_argument("--save-logits", metavar="FILE",
                     help="save the top-32 log-probs of every scored token as a KL base (.npz; an interrupted run "
                          "resumes from FILE.parts/)")
@@ -290,7 +291,7 @@ def _perplexity(args) -> int:
             _ray_close(pool, owned)
     else:
         lm, _ = _load(args)
-        body = perplexity_run.run(lm, text, args.ctx, args.batch, args.save_logits, args.kl_base)
+        body = perplexity_run.run(lm, text, args.ctx, args.batch, args.save_logits, args.kl_base, chunks=args.chunks)
     report = {**_model_fields(args, lm), "dtype": lm.dtype, "backend": lm.backend, "text": args.text, **body,
               "wall_s": round(time.monotonic() - start, 3)}
     print(json.dumps(report, indent=2) if args.json else perplexity_run.format_text(report))

@@ -21,8 +21,9 @@ def default_batch(ctx: int) -> int:
     return max(1, MAX_ROWS // ctx)
 
 
-def prepare(lm, text: str, ctx: int) -> tuple[list[ppl.Window], dict]:
-    """The windows of `text` and the header that identifies them (for logits files and resume)."""
+def prepare(lm, text: str, ctx: int, chunks: int | None = None) -> tuple[list[ppl.Window], dict]:
+    """The windows of `text` (the first `chunks` of them, as llama-perplexity's --chunks) and the header that
+    identifies them (for logits files and resume)."""
     if ctx > lm.config.context_length:
         raise AprError(f"--ctx {ctx} exceeds the model's context length ({lm.config.context_length})")
     if ctx % 2:
@@ -30,18 +31,22 @@ def prepare(lm, text: str, ctx: int) -> tuple[list[ppl.Window], dict]:
     tok = lm.tokenizer
     ids = ppl.tokenize(tok, text)
     wins = ppl.windows(ids, ctx, tok.bos_id if tok.add_bos else None)
+    if chunks is not None:
+        if chunks < 2:
+            raise AprError("--chunks must be at least 2")
+        wins = wins[:chunks]
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return wins, logits_file.make_header(lm, text_sha, ctx, len(wins), ppl.TOP_K)
 
 
 def run(lm, text: str, ctx: int, batch: int | None = None, save_logits: str | None = None,
-        kl_base: str | None = None, progress: bool = True) -> dict:
+        kl_base: str | None = None, progress: bool = True, chunks: int | None = None) -> dict:
     if save_logits and kl_base:
         raise AprError("give --save-logits (score the base) or --kl-base (compare with it), not both")
     batch = batch or default_batch(ctx)
     if batch < 1:
         raise AprError("--batch must be at least 1")
-    wins, header = prepare(lm, text, ctx)
+    wins, header = prepare(lm, text, ctx, chunks)
     n = ppl.n_scored(ctx)
     base = _base(kl_base, header) if kl_base else None
     parts = logits_file.Parts(save_logits, header) if save_logits else None
