@@ -120,6 +120,10 @@ def _mutate(a, fn, pool: list[bytes], artifacts: Path) -> int:
     deadline, runs = time.monotonic() + a.seconds, 0
     data = b""
     try:
+        # warm-up, not timed: the first call pays the target's imports and lazy set-up (seconds on a loaded
+        # box), which is no hang; atheris' path does the same before its timer starts
+        data = pool[0]
+        fn(data)
         for data in pool:  # every seed first, as is
             signal.alarm(a.timeout)
             fn(data)

@@ -15,7 +15,7 @@ from typing import Callable
 from apr.errors import AprError
 from apr.evals.code import defines, first_block, prompt_context, strip_drivers
 from apr.evals.sandbox import run_program
-from apr.evals.sandbox_launcher import PLAIN_MARK
+from apr.evals.sandbox_guard import PLAIN_MARK
 
 # Base models continue the prompt; these end the function body (the Codex paper's stop sequences).
 STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]

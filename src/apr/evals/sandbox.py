@@ -15,7 +15,7 @@ machine permits (`SandboxResult.isolation` reports which took effect):
      session and the uid afterwards, the temporary directory removed.
 Passing needs exit status 0 AND a random nonce, printed by a line appended after the program, seen by the
 harness: `sys.exit(0)`/`os._exit(0)` before the tests, tampered builtins, or an excepthook that swallows the
-failure all lack it. The launcher, reaper and guard live in apr/evals/sandbox_launcher.py, run as a script.
+failure all lack it. The launcher and reaper live in apr/evals/sandbox_launcher.py, run as a script; the guard it sends the program, in sandbox_guard.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from apr.evals.sandbox_launcher import NOT_PLAIN_EXIT
+from apr.evals.sandbox_guard import NOT_PLAIN_EXIT
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
 
