@@ -111,7 +111,7 @@ def connect(address: str) -> bool:
 
     try:
         ray.init(address=None if address == "auto" else address, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+                 logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise AprError(f"cannot join the Ray cluster at {address}: {str(e).strip().splitlines()[0]}") from None
     return True
