@@ -221,24 +221,34 @@ def _qkx_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta
         rng = torch.where(rng > 0, rng, 1.0)
         return ((top / rng)[:, None] * (x - m[:, None])).round().clamp(0, nmax)
 
-    def error(s, m, lv):
-        return (w * (s[:, None] * lv + m[:, None] - x).pow(2)).sum(1)
+    sum_x2 = (w * x * x).sum(1).double()
 
+    def fit(lv):
+        """Weighted sums of the levels, in float64: the error below is their combination, which cancels."""
+        wl = w * lv
+        return wl.sum(1).double(), (wl * lv).sum(1).double(), (wl * x).sum(1).double()
+
+    def error(s, m, sl, sl2, sxl):
+        # sum w (s l + m - x)^2, expanded so that no per-value pass is needed
+        s, m = s.double(), m.double()
+        return s * s * sl2 + 2 * s * m * sl - 2 * s * sxl + m * m * sw64 - 2 * m * sx64 + sum_x2
+
+    sw64, sx64 = sum_w.double(), sum_x.double()
     levels = levels_at(torch.full_like(mx, float(nmax)), mn)
     scale, the_min = torch.where(flat, 1.0, mx - mn) / nmax, mn
-    best = error(scale, the_min, levels)
+    best = error(scale, the_min, *fit(levels))
     for i in range(nstep + 1):  # each grid over all sub-blocks at once
         # as in ggml, each grid starts from the best minimum found so far, not the block's own minimum
         lv = levels_at(torch.full_like(mx, rmin + rdelta * i + nmax), the_min)
-        sl, sl2, sxl = (w * lv).sum(1), (w * lv * lv).sum(1), (w * lv * x).sum(1)
-        det = sum_w * sl2 - sl * sl
+        sl, sl2, sxl = fit(lv)
+        det = sw64 * sl2 - sl * sl
         ok = det > 0
         det = torch.where(ok, det, 1.0)
-        s, m = (sum_w * sxl - sum_x * sl) / det, (sl2 * sum_x - sl * sxl) / det
+        s, m = (sw64 * sxl - sx64 * sl) / det, (sl2 * sx64 - sl * sxl) / det
         pos = m > 0  # a positive minimum is not representable: refit the scale with the minimum at 0
-        s = torch.where(pos, sxl / torch.where(sl2 > 0, sl2, 1.0), s)
-        m = torch.where(pos, 0.0, m)
-        err = error(s, m, lv)
+        s = torch.where(pos, sxl / torch.where(sl2 > 0, sl2, 1.0), s).float()
+        m = torch.where(pos, 0.0, m).float()
+        err = error(s, m, sl, sl2, sxl)
         better = ok & (err < best)
         best, scale, the_min = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, m, the_min)
         levels = torch.where(better[:, None], lv, levels)
