@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("tokenize", "print the token ids of a text"),
     "inspect": ("inspect", "show a model file's metadata and tensor table"),
     "convert": ("convert", "convert a GGUF file to apr's native .apr format"),
-    "export": ("export", "export a .apr file back to GGUF"),
+    "export": ("export", "write GGUF: merge LoRA adapters and re-quantize (q4_k_m, q8_0, f16, f32), or a .apr back"),
     "trace": ("trace", "per-layer activation statistics for a prompt"),
     "parity": ("parity", "compare two models, dtypes or backends layer by layer"),
     "bench": ("bench", "measure prefill and decode speed"),
