@@ -15,6 +15,10 @@ typedef struct {
     const int8_t *q;  /* K int8 values */
     const float *d;   /* K/32 block scales: x ~= d * q */
     const float *s;   /* K/32 block sums of x as rounded: d * sum(q) (for the weights' offsets) */
+    /* multi-row AVX-512 only (matmul_multi.c), per row once per call: dd block pair p's scales as 16 lanes
+     * (d[2p] x 8, d[2p+1] x 8); n16 / n128 -16 / -128 times the sum of each 4 bytes of q */
+    const float *dd;
+    const int32_t *n16, *n128;
 } xrow;
 
 /* Each row's dot product asks for the bytes PF_BYTES further on. With only the hardware prefetcher, a

@@ -16,8 +16,10 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define APR_MT 8 /* 32 vector registers: 8 rows' accumulators stay in registers */
+#define WIDE 1   /* its multi-row dots read xrow's dd, n16, n128 */
 #else
 #define APR_MT 4 /* 16 registers */
+#define WIDE 0
 #endif
 #define MAXT 8
 #define INLINE static inline __attribute__((always_inline))
@@ -64,31 +66,30 @@ INLINE __m256 step32(int t, blk32 k, xrow x, int64_t b, __m256 acc, float *off) 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 static inline __m512i cat256(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
 static inline __m256 hi256(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
-/* lanes 0..7 = p[0], 8..15 = p[1] */
-static inline __m512 two_floats(const float *p) {
-    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p))));
-}
 /* sign(x, w) for 64 bytes: x negated where w < 0 (where w = 0, |w| = 0 makes the product 0 either way) */
 static inline __m512i sign64(__m512i x, __mmask64 neg) { return _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x); }
 
-/* blocks b, b + 1 in one register: lanes 0..7 are the one-row dot's acc0 chain, lanes 8..15 its acc1 */
+/* Blocks b, b + 1 in one register: lanes 0..7 are the one-row dot's acc0 chain, lanes 8..15 its acc1. The
+ * signed types (Q8_0, Q5_0) take w + 128 / q + 16 as the unsigned bytes and start each 4-product sum from
+ * -128 / -16 times the sum of x's 4 bytes (precomputed per row: n128 / n16): the same int32 as |w| . sign(x, w),
+ * one instruction per row instead of two. */
 INLINE void dotm_32(int t, int64_t size, const uint8_t *w, const xrow *x, const int M, int64_t K, float *out) {
     __m512 acc[MAXT];
     float off0[MAXT], off1[MAXT];
     for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps(), off0[m] = off1[m] = 0;
+    const int bias = t == Q8_0 ? 128 : 16;
     int64_t b = 0;
     for (; b + 1 < K / 32; b += 2, w += 2 * size) {
         const blk32 e = unpack32(t, w), o = unpack32(t, w + size);
-        const __m512i u = cat256(e.u, o.u);
-        const __mmask64 neg = SIGNED(t) ? _mm512_movepi8_mask(cat256(e.sgn, o.sgn)) : 0;
+        const __m512i u = SIGNED(t) ? _mm512_add_epi8(cat256(e.sgn, o.sgn), _mm512_set1_epi8((char)bias)) : cat256(e.u, o.u);
         const __m512 dw = pair256(_mm256_set1_ps(e.dw), _mm256_set1_ps(o.dw));
         for (int m = 0; m < M; m++) {
             offset32(t, e, x[m], b, &off0[m]), offset32(t, o, x[m], b + 1, &off1[m]);
-            __m512i xq = _mm512_loadu_si512((const void *)(x[m].q + 32 * b));
-            if (SIGNED(t)) xq = sign64(xq, neg);
-            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xq);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, two_floats(x[m].d + b)), acc[m]);
+            const __m512i xq = _mm512_loadu_si512((const void *)(x[m].q + 32 * b));
+            const __m512i start = SIGNED(t) ? _mm512_loadu_si512((const void *)((t == Q8_0 ? x[m].n128 : x[m].n16) + 8 * b))
+                                            : _mm512_setzero_si512();
+            const __m512i p = _mm512_dpbusd_epi32(start, u, xq);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dd + 8 * b)), acc[m]);
         }
     }
     if (b < K / 32) {
@@ -156,7 +157,7 @@ INLINE void dotm_q6_k(const uint8_t *w, const xrow *x, const int M, int64_t K, f
                 for (int m = 0; m < M; m++) {
                     const __m512i xq = sign64(_mm512_loadu_si512((const void *)(x[m].q + 32 * b)), neg);
                     const __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(wa, xq), scales);
-                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(d, two_floats(x[m].d + b)), acc[m]);
+                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(d, _mm512_loadu_ps(x[m].dd + 8 * b)), acc[m]);
                 }
             }
         }
@@ -323,6 +324,16 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
+/* xrow's dd, n16, n128 for one quantized row (see ggml_blocks.h) */
+static void widen_row(xrow x, int64_t K, float *dd, int32_t *n16, int32_t *n128) {
+    for (int64_t b = 0; b < K / 32; b++)
+        for (int i = 0; i < 8; i++) dd[16 * (b / 2) + 8 * (b & 1) + i] = x.d[b];
+    for (int64_t g = 0; g < K / 4; g++) {
+        const int32_t sum = x.q[4 * g] + x.q[4 * g + 1] + x.q[4 * g + 2] + x.q[4 * g + 3];
+        n16[g] = -16 * sum, n128[g] = -128 * sum;
+    }
+}
+
 /* y (M, N_0 + ... + N_{n-1}) = x (M, K) @ [W_0; ...; W_{n-1}].T (+ [bias_0, ...]), W_j being N_j rows of
  * row_bytes_j ggml bytes of type qtypes[j]: the outputs of the n weights side by side in each row of y.
  * x and y are float32, or bfloat16 where x_bf16 / y_bf16 say so. One call for several weights that read
@@ -347,8 +358,10 @@ int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const i
     float *d = malloc(sizeof(float) * (size_t)(M * nb)), *s = malloc(sizeof(float) * (size_t)(M * nb));
     float *xf = malloc(sizeof(float) * (size_t)K);
     xrow *xr = malloc(sizeof(xrow) * (size_t)M);
-    if (!q || !d || !s || !xf || !xr) {
-        free(q), free(d), free(s), free(xf), free(xr);
+    float *dd = malloc(sizeof(float) * (size_t)(M * nb * 8));
+    int32_t *n16 = malloc(sizeof(int32_t) * (size_t)(M * K / 4)), *n128 = malloc(sizeof(int32_t) * (size_t)(M * K / 4));
+    if (!q || !d || !s || !xf || !xr || !dd || !n16 || !n128) {
+        free(q), free(d), free(s), free(xf), free(xr), free(dd), free(n16), free(n128);
         return -2;
     }
     for (int64_t m = 0; m < M; m++) {
@@ -358,7 +371,8 @@ int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const i
             row = xf;
         }
         quantize_row(row, K, q + m * K, d + m * nb, s + m * nb);
-        xr[m] = (xrow){q + m * K, d + m * nb, s + m * nb};
+        xr[m] = (xrow){q + m * K, d + m * nb, s + m * nb, dd + m * nb * 8, n16 + m * K / 4, n128 + m * K / 4};
+        if (WIDE && M > 1) widen_row(xr[m], K, dd + m * nb * 8, n16 + m * K / 4, n128 + m * K / 4);
     }
     const int tile = row_tile;
     /* guided: the two threads' shares end together even when the VM takes a core away for a while (the
@@ -388,6 +402,6 @@ int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const i
             }
         }
     }
-    free(q), free(d), free(s), free(xf), free(xr);
+    free(q), free(d), free(s), free(xf), free(xr), free(dd), free(n16), free(n128);
     return 0;
 }
