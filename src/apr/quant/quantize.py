@@ -64,6 +64,12 @@ def quantize(x: torch.Tensor, qtype: int, weights: torch.Tensor | None = None) -
     return out
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products (n, k) x (n, k) -> (n,): as a batched matmul, which measured ~10x faster than
+    (a * b).sum(1) over short rows."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # (n, 1, k) @ (n, k, 1) -> (n,)
+
+
 def _roundf(v: torch.Tensor) -> torch.Tensor:
     """C's roundf (half away from zero), as ggml's Q8_0 uses; torch.round rounds half to even."""
     a = v.abs()
@@ -120,9 +126,11 @@ def _qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tenso
     zero = mx.abs() < _EPS
     mx = torch.where(zero, 1.0, mx)
 
+    wx = w * x
+
     def fit(iscale):
         lv = (iscale[:, None] * x).round().clamp(-nmax, nmax - 1)
-        return lv, (w * x * lv).sum(1), (w * lv * lv).sum(1)
+        return lv, _dot(wx, lv), _dot(w * lv, lv)
 
     lv, sumlx, suml2 = fit(-nmax / mx)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), 0.0)
@@ -214,19 +222,19 @@ def _qkx_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta
     mn = x.amin(1).clamp(max=0)
     mx = x.amax(1)
     flat = mx == mn
-    sum_w, sum_x = w.sum(1), (w * x).sum(1)
+    wx = w * x
+    sum_w, sum_x = w.sum(1), wx.sum(1)
 
     def levels_at(top, m):
         rng = mx - m
         rng = torch.where(rng > 0, rng, 1.0)
         return ((top / rng)[:, None] * (x - m[:, None])).round().clamp(0, nmax)
 
-    sum_x2 = (w * x * x).sum(1).double()
+    sum_x2 = _dot(wx, x).double()
 
     def fit(lv):
         """Weighted sums of the levels, in float64: the error below is their combination, which cancels."""
-        wl = w * lv
-        return wl.sum(1).double(), (wl * lv).sum(1).double(), (wl * x).sum(1).double()
+        return _dot(w, lv).double(), _dot(w * lv, lv).double(), _dot(wx, lv).double()
 
     def error(s, m, sl, sl2, sxl):
         # sum w (s l + m - x)^2, expanded so that no per-value pass is needed
