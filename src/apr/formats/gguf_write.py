@@ -109,6 +109,8 @@ def merged_weight(t, lora: tuple[torch.Tensor, torch.Tensor] | None, scale: floa
     if lora is not None:
         a, b = lora
         w = w.add_(b @ a, alpha=scale)  # (out, r) @ (r, in) -> (out, in)
+        if not torch.isfinite(w).all():
+            raise AprError(f"{t.name}: the merged weight has NaN or infinite values (a diverged adapter?)")
     return w
 
 
