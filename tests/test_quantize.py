@@ -191,7 +191,7 @@ def _logits(path) -> torch.Tensor:
     return model(torch.tensor([1, 5, 9, 200, 262, 33, 7]), 0, all_logits=True)  # (7, vocab)
 
 
-def _adapter(path: Path, src: Path, rank=4, alpha=8.0, zero_b=True, sha=None, shape_off=0) -> Path:
+def _adapter(path: Path, src: Path, rank=4, alpha=8.0, zero_b=True, sha=None, shape_off=0, nan=False) -> Path:
     from safetensors.torch import save_file
 
     from apr.hub import sha256_file
@@ -203,6 +203,8 @@ def _adapter(path: Path, src: Path, rank=4, alpha=8.0, zero_b=True, sha=None, sh
             tensors[f"blk.{i}.{t}.lora_a"] = torch.randn(rank, in_f + shape_off, generator=g) * 0.01
             b = torch.zeros(out_f, rank) if zero_b else torch.randn(out_f, rank, generator=g) * 0.01
             tensors[f"blk.{i}.{t}.lora_b"] = b
+    if nan:
+        tensors["blk.0.attn_q.lora_b"][0, 0] = float("nan")
     meta = {"format": "apr-lora/1", "rank": str(rank), "alpha": str(alpha), "dropout": "0.0",
             "targets": "attn_q,ffn_down", "base_sha256": sha or sha256_file(src), "base_name": src.name,
             "n_layers": "2", "training": "{}"}
@@ -241,6 +243,8 @@ def test_bad_adapters_and_outputs(tiny, tmp_path, capsys):
     wrong = _adapter(tmp_path / "wrong.safetensors", tiny, shape_off=32)
     _one_line_error(["export", str(tiny), "--lora", str(wrong), "-o", out], capsys, "want A")
     _one_line_error(["export", str(tiny), "--lora", str(tmp_path / "none"), "-o", out], capsys, "no such adapter")
+    nan = _adapter(tmp_path / "nan.safetensors", tiny, nan=True)
+    _one_line_error(["export", str(tiny), "--lora", str(nan), "--quant", "f32", "-o", out], capsys, "NaN")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     _one_line_error(["export", str(tiny), "--lora", str(tmp_path / "junk.safetensors"), "-o", out], capsys, "adapter")
     _one_line_error(["export", str(tiny), "-o", str(tmp_path / "o.txt")], capsys, ".gguf")
