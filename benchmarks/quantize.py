@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/apr-quantize-bench")
     ap.add_argument("--llamacpp-venv", default=VENV)
+    ap.add_argument("--imatrix", action="store_true",
+                    help="also apr with importance weights from Lib/json/encoder.py (the evaluation text is decoder.py)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from apr.hub import resolve_model
@@ -191,10 +193,18 @@ def main() -> None:
     if not f32.exists():
         apr_export(str(base), "--quant", "f32", "-o", str(f32))
     report["apr_quantize_s"] = apr_export(str(f32), "--quant", "q4_k_m", "--requantize", "-o", str(aprq))
+    variants = {"apr": aprq, "llama.cpp": llq}
+    if a.imatrix:
+        import importlib
+
+        calib = importlib.import_module("json.encoder").__file__  # not `import json.encoder`: json stays global here
+        variants["apr+imatrix"] = work / "apr-imatrix-q4_k_m.gguf"
+        report["apr_imatrix_quantize_s"] = apr_export(str(f32), "--quant", "q4_k_m", "--requantize", "--imatrix-text",
+                                                      calib, "-o", str(variants["apr+imatrix"]))
     q = child(a.llamacpp_venv, {"job": "quantize", "src": str(f32), "dst": str(llq), "threads": a.threads})
     report["llamacpp_quantize_s"] = q["s"]
     report["quantize_time_ratio_apr_over_llamacpp"] = report["apr_quantize_s"] / q["s"]
-    report["weights"] = weight_errors(f32, {"apr": aprq, "llama.cpp": llq})
+    report["weights"] = weight_errors(f32, variants)
     lib = ggml_lib(a.llamacpp_venv)
     if lib is not None:
         report["off_grid"] = off_grid(lib, base)
@@ -205,7 +215,7 @@ def main() -> None:
     apr_tok = Tokenizer.from_metadata(read_gguf(aprq).metadata).encode(text)
     ids = apr_tok[: a.tokens]
     ref = torch.log_softmax(logits(f32, ids), -1)
-    for k, path in (("apr", aprq), ("llama.cpp", llq)):
+    for k, path in variants.items():
         lq = torch.log_softmax(logits(path, ids), -1)
         report.setdefault("model_vs_f32", {})[k] = {
             "top1_agreement": (lq.argmax(-1) == ref.argmax(-1)).float().mean().item(),
