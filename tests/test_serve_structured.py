@@ -32,6 +32,12 @@ def test_openai_json_schema_and_json_object(live):
                                        response_format={"type": "json_schema",
                                                         "json_schema": {"name": "c", "schema": ENUM}})
     assert json.loads(r.choices[0].message.content) in ENUM["enum"] and r.choices[0].finish_reason == "stop"
+    for seed in (1, 2, 3):  # sampled, not greedy: the random model's draws are masked just the same
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a colour"}],
+                                           max_tokens=30, temperature=1.5, seed=seed,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "c", "schema": ENUM}})
+        assert json.loads(r.choices[0].message.content) in ENUM["enum"], r.choices[0].message.content
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
                                        response_format={"type": "json_object"})
     text = r.choices[0].message.content

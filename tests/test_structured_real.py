@@ -1,4 +1,4 @@
-"""Structured output on the real 0.5B through the `openai` client against a live `apr serve`: 20 varied JSON
+"""Structured output: the mask's arithmetic on a tiny model, and, on the real 0.5B through the `openai` client against a live `apr serve`: 20 varied JSON
 schemas (nested objects, arrays, enums, bounded numbers, required and optional fields); every answer must
 finish by itself, parse, and validate with `jsonschema`. One server for all of them; requests go 4 at a time,
 so the engine batches constrained sequences that each have their own matcher."""
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 import pytest
 
@@ -58,6 +60,29 @@ SCHEMAS = [
                              **{"$defs": {"member": obj({"name": S, "role": {"enum": ["dev", "lead"]}})}})),
     ("a yes or no answer with a reason", obj({"answer": {"type": "boolean"}, "reason": S}, required=["answer"])),
 ]
+
+
+def test_mask_keeps_exactly_the_tokens_the_matcher_allows(tiny_qwen):
+    """apr applies llguidance's bitmask itself (bit j of byte k is token 8k + j): the allowed logits are kept
+    as they were, every other one is -inf, and rows past the tokenizer's words (a padded layer) are -inf too."""
+    import torch
+
+    from apr.engine.constrain import Constraint
+    from apr.runtime import load_model
+
+    lm = load_model(str(tiny_qwen), dtype="float32", backend="cpu", quiet=True)
+    c = Constraint(lm, "json_schema", {"type": "object", "properties": {"a": {"type": "integer"}}})
+    for token in lm.tokenizer.encode('{"a": 1')[:4] + [None]:
+        n = c.n_vocab
+        want = np.unpackbits(np.frombuffer(c.matcher.deep_copy().compute_bitmask(), np.uint8),
+                             bitorder="little")[:n].astype(bool)
+        logits = torch.randn(n + 7)
+        out = c.mask(logits)
+        assert 0 < want.sum() < n and out.shape == logits.shape and torch.isneginf(out[n:]).all()
+        assert torch.equal(torch.isfinite(out[:n]), torch.from_numpy(want))
+        assert torch.equal(out[:n][want], logits[:n][want])
+        if token is not None:
+            c.consume(token)
 
 
 @pytest.fixture(scope="module")
