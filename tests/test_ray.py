@@ -45,7 +45,7 @@ def single(tiny_qwen):
 
 @pytest.fixture(scope="module")
 def pool(cluster, tiny_qwen):
-    """Two actors, shared by the tests below in file order (the last one kills one of them)."""
+    """Two actors, shared by the two tests below in file order (the second kills one and closes the pool)."""
     p = distributed.Pool(str(tiny_qwen), actors=2, cpus=1, dtype="float32", backend="cpu")
     yield p
     p.close()
@@ -75,11 +75,13 @@ def test_perplexity_over_two_workers_equals_the_single_process_run(pool, tiny_qw
 
 def test_a_killed_worker_has_its_items_retried_on_the_other(pool, single):
     jobs = [pool.submit("python-syntax", p, MAX_TOKENS) for p in PROMPTS]
-    first, where = pool.result(jobs[0])
-    victim = next(w["pid"] for w in pool.info.values() if w["pid"] != where["pid"])
-    os.kill(victim, signal.SIGKILL)  # mid-run: the other actor is busy with (or about to get) an item
-    results = [first] + [pool.result(j)[0] for j in jobs[1:]]
+    # each actor holds one item now and the rest wait in the queue: kill the one given the second item
+    holder = next(actor for jid, actor in pool.running.values() if jid == jobs[1])
+    victim = pool.info[holder]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    results = [pool.result(j)[0] for j in jobs]
     report = pool.report("test")
+    pool.close()  # its CPUs go back to the cluster for the tests below
     assert _same(results) == _same(single["results"])
     assert [w["pid"] for w in report["lost_workers"]] == [victim] and report["retried_items"] >= 1
 
@@ -163,3 +165,11 @@ def test_pv_discharge_passes_ray_to_eval_checks_only():
     assert "--ray" not in build_argv("apr qa {model} --json", Path("/m.gguf"), "10.0.0.1:6379")
     assert "--ray" not in build_argv("apr eval humaneval {model} --json", Path("/m.gguf"))
     assert build_argv("apr eval python-syntax {model} --ray auto", Path("/m.gguf"), "h:1").count("--ray") == 1
+
+
+def test_more_actors_than_the_cluster_has_cpus_is_refused(cluster, tiny_qwen):
+    """Actors that could never be placed would wait forever: refused up front, in one line."""
+    from apr.errors import AprError
+
+    with pytest.raises(AprError, match="need 5 CPUs; the cluster has 2"):
+        distributed.Pool(str(tiny_qwen), actors=5, cpus=1, dtype="float32", backend="cpu")

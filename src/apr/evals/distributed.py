@@ -24,6 +24,8 @@ from typing import Any
 from apr.errors import AprError
 
 WAIT_S = 30.0  # ray.wait wakes this often, so a lost cluster is noticed rather than waited on forever
+# An actor waits for free CPUs and then loads (maybe pulls) the model; past this it is given up on.
+START_TIMEOUT_S = float(os.environ.get("APR_RAY_START_TIMEOUT_S", "1800"))
 
 
 class _Worker:
@@ -138,13 +140,21 @@ class Pool:
         import ray
 
         n = actors or max(1, len([x for x in ray.nodes() if x.get("Alive")]))
+        total = ray.cluster_resources().get("CPU", 0)
+        if n * cpus > total:  # such actors would wait for CPUs forever
+            raise AprError(f"{n} Ray actors of {cpus:g} CPUs need {n * cpus:g} CPUs; the cluster has {total:g}")
         remote = ray.remote(num_cpus=cpus, max_restarts=0)(_Worker)
         pending = [remote.options(scheduling_strategy="SPREAD").remote(spec, sha256, dtype, backend, int(cpus))
                    for _ in range(n)]
         self.actors, self.info, errors = [], {}, []
+        deadline = time.monotonic() + START_TIMEOUT_S
         for actor in pending:
             try:
-                info = ray.get(actor.describe.remote())
+                info = ray.get(actor.describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                errors.append(f"not started within {START_TIMEOUT_S:g}s (are the cluster's CPUs taken?)")
+                ray.kill(actor)
+                continue
             except Exception as e:  # a model that does not load there, or an actor that cannot start
                 errors.append(_last_line(e))
                 continue
