@@ -358,9 +358,11 @@ int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const i
     float *d = malloc(sizeof(float) * (size_t)(M * nb)), *s = malloc(sizeof(float) * (size_t)(M * nb));
     float *xf = malloc(sizeof(float) * (size_t)K);
     xrow *xr = malloc(sizeof(xrow) * (size_t)M);
-    float *dd = malloc(sizeof(float) * (size_t)(M * nb * 8));
-    int32_t *n16 = malloc(sizeof(int32_t) * (size_t)(M * K / 4)), *n128 = malloc(sizeof(int32_t) * (size_t)(M * K / 4));
-    if (!q || !d || !s || !xf || !xr || !dd || !n16 || !n128) {
+    const int wide = WIDE && M > 1; /* one row goes through the one-row dot, which needs none of these */
+    float *dd = wide ? malloc(sizeof(float) * (size_t)(M * nb * 8)) : 0;
+    int32_t *n16 = wide ? malloc(sizeof(int32_t) * (size_t)(M * K / 4)) : 0;
+    int32_t *n128 = wide ? malloc(sizeof(int32_t) * (size_t)(M * K / 4)) : 0;
+    if (!q || !d || !s || !xf || !xr || (wide && (!dd || !n16 || !n128))) {
         free(q), free(d), free(s), free(xf), free(xr), free(dd), free(n16), free(n128);
         return -2;
     }
@@ -371,8 +373,11 @@ int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const i
             row = xf;
         }
         quantize_row(row, K, q + m * K, d + m * nb, s + m * nb);
-        xr[m] = (xrow){q + m * K, d + m * nb, s + m * nb, dd + m * nb * 8, n16 + m * K / 4, n128 + m * K / 4};
-        if (WIDE && M > 1) widen_row(xr[m], K, dd + m * nb * 8, n16 + m * K / 4, n128 + m * K / 4);
+        xr[m] = (xrow){q + m * K, d + m * nb, s + m * nb, 0, 0, 0};
+        if (wide) {
+            xr[m].dd = dd + m * nb * 8, xr[m].n16 = n16 + m * K / 4, xr[m].n128 = n128 + m * K / 4;
+            widen_row(xr[m], K, dd + m * nb * 8, n16 + m * K / 4, n128 + m * K / 4);
+        }
     }
     const int tile = row_tile;
     /* guided: the two threads' shares end together even when the VM takes a core away for a while (the
