@@ -70,6 +70,8 @@ def bench_model(name: str, batches: list[int], gen_tokens: int, repeat: int) -> 
                 finally:
                     native.set_row_tile(old)
                 rates.setdefault((setting, b), []).append(rate)
+                print(f"# {name} batch {b} {setting}: {rate:.1f} tok/s (load {os.getloadavg()[0]:.1f})",
+                      file=sys.stderr, flush=True)
         if tokens["one-row"] != tokens["multi-row"]:
             raise SystemExit(f"{name}: batch {b}: the two settings generated different tokens")
     rows = [{"batch": b, **{s: statistics.median(rates[s, b]) for s in SETTINGS},
@@ -100,6 +102,8 @@ def kernel_passes(name: str, batches: list[int], passes: int) -> dict:
                 finally:
                     native.set_row_tile(old)
         rows.append({"batch": b, **{f"{s}_ms": best[s] * 1e3 for s in SETTINGS}})
+        print(f"# {name} M={b}: " + ", ".join(f"{s} {best[s] * 1e3:.1f} ms" for s in SETTINGS)
+              + f" (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     return {"model": name, "isa": native.isa(), "weights_mb": nbytes / 1e6, "rows": rows}
 
 
