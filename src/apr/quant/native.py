@@ -32,7 +32,8 @@ HEADERS = [CSRC / "ggml_blocks.h"]  # not compiled on their own; part of the bui
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # ISA variants, best first: (extra flags, /proc/cpuinfo flags the CPU needs to run it). Each is its own .so
 # built with FLAGS + its flags (any x86 compiler builds every variant, whatever CPU it runs on); the first
-# the CPU can run is loaded at first use, or the one APR_KERNEL_ISA names. csrc/ggml_blocks.h (dot_us) and matmul_multi.c say what differs.
+# the CPU can run is loaded at first use, or the one APR_KERNEL_ISA names. csrc/ggml_blocks.h (dot_us) and
+# matmul_multi.c say what differs.
 VARIANTS = {
     "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"], {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
     "avx2": ([], set()),
