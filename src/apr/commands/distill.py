@@ -27,6 +27,8 @@ def main(args):
 
     if args.top_k < 1:
         raise AprError(f"--top-k must be at least 1, got {args.top_k}")
+    if not 0.0 <= args.kd_alpha <= 1.0 or not args.temperature > 0:
+        raise AprError("--alpha must be in [0, 1] and --temperature positive")
     lspec, dspec, tspec = specs(args)
     teacher = forward.load_base(args.teacher, quiet=args.json)  # memory-mapped: metadata and sha only
     student = forward.load_base(args.student, quiet=args.json)

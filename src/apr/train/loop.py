@@ -66,14 +66,14 @@ class Task:
     modules: list  # set to train/eval around validation (dropout)
 
 
-def _write(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:  # OSError, or torch's / safetensors' own wrappers of a failed write (a full disk)
         tmp.unlink(missing_ok=True)
-        raise AprError(f"cannot write {path}: {e.strerror or e}") from None
+        raise AprError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 class Trainer:
@@ -92,7 +92,7 @@ class Trainer:
                  "params": [p.detach().clone() for p in self.task.params], "opt": self.opt.state_dict(),
                  "sched": self.sched.state_dict(), "rng": torch.get_rng_state(), "best": self.best, "bad": self.bad,
                  "base_val": self.base_val}
-        _write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+        write_atomic(self.out / CHECKPOINT, lambda p: torch.save(state, p))
 
     def _resume(self) -> None:
         path = self.out / CHECKPOINT
@@ -115,7 +115,7 @@ class Trainer:
         torch.set_rng_state(ck["rng"])
         self.step, self.best, self.bad, self.base_val = ck["step"], ck["best"], ck["bad"], ck["base_val"]
         kept = [ln for ln in self._log_lines() if ln.get("step", 0) <= self.step]  # drop steps after the checkpoint
-        _write(self.out / LOG, lambda p: p.write_text("".join(json.dumps(ln) + "\n" for ln in kept)))
+        write_atomic(self.out / LOG, lambda p: p.write_text("".join(json.dumps(ln) + "\n" for ln in kept)))
 
     def _log_lines(self) -> list[dict]:
         path = self.out / LOG
@@ -238,6 +238,6 @@ class Trainer:
         ax.legend()
         fig.tight_layout()
         path = self.out / PLOT
-        _write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+        write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
         plt.close(fig)
         return path

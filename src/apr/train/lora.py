@@ -90,6 +90,8 @@ def attach(model, targets: list[str], rank: int, alpha: float, dropout: float, s
     """Wrap every linear of `model` in place; returns the adapters by GGUF name (`blk.3.attn_q`)."""
     if rank < 1:
         raise AprError(f"--rank must be at least 1, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise AprError(f"--dropout must be in [0, 1), got {dropout}")
     targets = parse_targets(targets)
     gen = torch.Generator().manual_seed(seed)
     adapters: dict[str, LoRALinear] = {}

@@ -12,7 +12,7 @@ import torch
 from apr.errors import AprError
 from apr.train import data as D
 from apr.train import forward, lora
-from apr.train.loop import Task, Trainer, TrainSpec
+from apr.train.loop import Task, Trainer, TrainSpec, write_atomic
 
 ADAPTER = "adapter.safetensors"
 SUMMARY = "summary.json"
@@ -86,13 +86,15 @@ def run(p: Prepared, lspec: LoraSpec, tspec: TrainSpec, out: Path, loss: Callabl
     training = {"kind": kind, "spec": asdict(tspec), "split": p.split, **(extra or {})}
 
     def save_best(step: int, v: float) -> None:
-        lora.write_adapter(out / ADAPTER, p.adapters, rank=lspec.rank, alpha=lspec.alpha, dropout=lspec.dropout,
-                           targets=list(lspec.targets), base_sha256=p.base.sha256, base_name=p.base.path.name,
-                           n_layers=model.cfg.n_layers, training={**training, "best_step": step, "val_loss": v})
+        meta = dict(rank=lspec.rank, alpha=lspec.alpha, dropout=lspec.dropout, targets=list(lspec.targets),
+                    base_sha256=p.base.sha256, base_name=p.base.path.name, n_layers=model.cfg.n_layers,
+                    training={**training, "best_step": step, "val_loss": v})
+        write_atomic(out / ADAPTER, lambda path: lora.write_adapter(path, p.adapters, **meta))
 
     params = [t for m in p.adapters.values() for t in (m.lora_a, m.lora_b)]
     identity = {"base_sha256": p.base.sha256, "kind": kind, "corpus": p.corpus.fingerprint,
-                "lora": json.dumps({k: v for k, v in asdict(lspec).items() if k != "mode"}, sort_keys=True), "seq_len": int(p.train.ids.shape[1] - 1),
+                "lora": json.dumps({k: v for k, v in asdict(lspec).items() if k != "mode"}, sort_keys=True),
+                "seq_len": int(p.train.ids.shape[1] - 1),
                 "seed": tspec.seed, "batch": tspec.batch, "steps": tspec.steps}
     task = Task(params=params, loss=loss, val=lambda: val_loss(model, p.val.ids, tspec.batch, grad_checkpoint),
                 batch_of=lambda s: D.batch_indices(len(p.train.ids), tspec.batch, s, tspec.seed),
@@ -102,7 +104,7 @@ def run(p: Prepared, lspec: LoraSpec, tspec: TrainSpec, out: Path, loss: Callabl
                    adapter=str(out / ADAPTER), trainable_params=sum(t.numel() for t in params),
                    train_windows=len(p.train.ids), val_windows=len(p.val.ids), split=p.split,
                    corpus=p.corpus.meta or {"root": str(p.corpus.root)}, threads=torch.get_num_threads(), **(extra or {}))
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
+    write_atomic(out / SUMMARY, lambda path: path.write_text(json.dumps(summary, indent=1, default=str)))
     return summary
 
 
