@@ -84,8 +84,8 @@ def ray_args(p):
     g = p.add_argument_group("Ray (many machines)", "one actor per worker holds the model; items go to free "
                              "actors, a lost worker's item is retried on another; results equal a single-process run")
     g.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
-                   help="run on a Ray cluster: auto (RAY_ADDRESS, a local `ray start` cluster, else a new local "
-                        "one) or the head's HOST:PORT / ray://HOST:PORT")
+                   help="run on a Ray cluster: the head's HOST:PORT / ray://HOST:PORT, or auto (the cluster "
+                        "RAY_ADDRESS names, else a new one on this machine)")
     g.add_argument("--ray-actors", type=int, metavar="N", help="actors to start (default one per node)")
     g.add_argument("--ray-cpus", type=float, default=1.0, metavar="C",
                    help="CPUs each actor takes, and its torch threads (default 1)")

@@ -100,8 +100,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def connect(address: str) -> bool:
-    """Join the cluster (auto: RAY_ADDRESS's, or one `ray start` runs on this machine, else a new local
-    one). Returns whether this call started Ray in this process (and so should shut it down)."""
+    """Join the cluster (auto: the one RAY_ADDRESS names, else a new one on this machine). Returns whether
+    this call started Ray in this process (and so should shut it down)."""
     try:
         import ray
     except ImportError:
@@ -114,8 +114,9 @@ def connect(address: str) -> bool:
     try:
         ray.init(address=None if address == "auto" else address, include_dashboard=False,
                  logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise AprError(f"cannot join the Ray cluster at {address}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:  # ConnectionError, an auth error, a version mismatch: Ray's message, one line
+        raise AprError(f"cannot join the Ray cluster at {address}: {str(e).strip().splitlines()[0]} (a cluster "
+                       "with token auth needs its token here: RAY_AUTH_MODE=token and ~/.ray/auth_token)") from None
     return True
 
 
