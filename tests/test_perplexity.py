@@ -205,4 +205,6 @@ def test_real_qwen_perplexity_of_python_source():
     lm = load_model(real_model("qwen2.5-coder-0.5b-instruct"), quiet=True)
     text = textwrap.dedent(inspect.getsource(textwrap))[:3000]
     r = perplexity_run.run(lm, text, 128, progress=False)
-    assert r["n_windows"] >= 2 and 1.0 < r["ppl"] < 8.0  # a code model on the standard library's source
+    # a code model on the standard library's source: 9.7 at ctx 128 when written; a broken forward (wrong rope,
+    # scales or windows) lands in the hundreds or thousands (uniform over the vocabulary is 151,936)
+    assert r["n_windows"] == 5 and 2.0 < r["ppl"] < 20.0
