@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -211,7 +212,8 @@ class Trainer:
         else:
             self.bad += 1
         self._log({"step": self.step, "val_loss": v, "val_stderr": se, "best": improved})
-        bar.write(f"step {self.step}: val_loss {v:.4f} ± {se:.4f}" + (" (best)" if improved else ""))
+        if not self.quiet:  # stderr: stdout carries only the --json summary
+            bar.write(f"step {self.step}: val_loss {v:.4f} ± {se:.4f}" + (" (best)" if improved else ""), file=sys.stderr)
         self._save()
         return bool(self.spec.patience) and self.bad >= self.spec.patience
 
