@@ -79,7 +79,7 @@ def add_speculative_args(p) -> None:
     p.add_argument("--draft-model", metavar="NAME", default=None,
                    help="with --speculative draft: a smaller model with the same vocabulary (e.g. the 0.5B for the 1.5B)")
     p.add_argument("--draft-max", metavar="K", type=int, default=None,
-                   help="tokens drafted per pass (default: 8 for ngram, 4 for draft)")
+                   help="tokens drafted per pass (default 4)")
 
 
 def speculative_kwargs(args) -> dict:
