@@ -2,17 +2,20 @@
 and llama-cpp-python's `response_format` json_schema on the same GGUF and prompts, in one run.
 
     python benchmarks/structured.py [MODEL] [--threads 2] [--max-tokens 96] [--repeats 3]
-        [--llamacpp-venv /tmp/venv-llamacpp-...]   (built by /work/shared/peer/build-llamacpp.sh)
+        [--llamacpp-venv VENV]   (a virtual environment with llama-cpp-python installed)
 
 apr's two modes alternate in one process (the same load affects both); each figure is the median over the prompts
-and repeats of (generated tokens - 1) / (time from the first to the last token). Grammar compile time (after the
-first) is reported too. llama-cpp-python runs in its own venv, same thread count, same prompts, same schema.
+and repeats of (generated tokens - 1) / (time from the first to the last token). Also reported: grammar compile
+time (the median over several schemas, after the first use has built the tokenizer view), and the time the mask
+and the matcher take per constrained token (timed inside the run), which, unlike a tok/s ratio, does not move
+with the machine's load. llama-cpp-python runs in its own venv, same thread count, same prompts, same schema.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,6 +48,28 @@ for _ in range(a["repeats"]):
         out.append((n - 1) / (time.perf_counter() - first) if n > 1 else 0.0)
 print(json.dumps(out))
 '''
+
+
+class MaskClock:
+    """Time spent in Constraint.mask and .consume, per constrained token."""
+
+    def __init__(self):
+        from apr.engine.constrain import Constraint
+
+        self.per_token: list[float] = []  # seconds of mask + consume, one entry per constrained token
+        for name in ("mask", "consume"):
+            setattr(Constraint, name, self._timed(getattr(Constraint, name), name == "mask"))
+
+    def _timed(self, fn, starts_a_token: bool):
+        def wrapper(c, *args):
+            t0 = time.perf_counter()
+            try:
+                return fn(c, *args)
+            finally:
+                if starts_a_token:
+                    self.per_token.append(0.0)
+                self.per_token[-1] += time.perf_counter() - t0
+        return wrapper
 
 
 def apr_rates(lm, prompts, max_tokens, repeats, constrained: bool) -> list[float]:
@@ -80,9 +105,13 @@ def main():
     t0 = time.perf_counter()
     Constraint(lm, "json_schema", SCHEMA)  # the tokenizer view and the first compile: once per model
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    Constraint(lm, "json_schema", dict(SCHEMA, title="again"))
-    again = time.perf_counter() - t0
+    compiles = []
+    for i in range(7):  # distinct schemas: nothing compiled before is reused
+        t0 = time.perf_counter()
+        Constraint(lm, "json_schema", dict(SCHEMA, title=f"schema {i}"))
+        compiles.append(time.perf_counter() - t0)
+    again = statistics.median(compiles)
+    clock = MaskClock()
     free, cons = [], []
     for _ in range(a.repeats):  # alternate, so both see the same machine
         free += apr_rates(lm, PROMPTS, a.max_tokens, 1, False)
@@ -92,6 +121,10 @@ def main():
     print(f"  grammar: first use {first:.2f} s (tokenizer view + compile), another schema {again * 1000:.1f} ms")
     print(f"  apr unconstrained decode  {f:6.2f} tok/s")
     print(f"  apr json_schema decode    {c:6.2f} tok/s  ({c / f:.1%} of unconstrained)")
+    med, mean = statistics.median(clock.per_token), statistics.mean(clock.per_token)
+    print(f"  mask + matcher per constrained token: median {med * 1e6:.0f} us, mean {mean * 1e6:.0f} us"
+          f" ({len(clock.per_token)} tokens); the mean is {mean * f:.2%} of an unconstrained step")
+    print(f"  load average during the run: {os.getloadavg()[0]:.1f} (1 min)")
     if a.llamacpp_venv:
         from apr import hub
 
