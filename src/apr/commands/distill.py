@@ -41,7 +41,7 @@ def main(args):
     gc = not args.no_grad_checkpoint
     loss = distill.distill_loss(p, ids, logp, args.temperature, args.kd_alpha, gc)
     extra = {"teacher": str(teacher.path), "teacher_sha256": teacher.sha256, "temperature": args.temperature,
-             "kd_alpha": args.kd_alpha, "top_k": args.top_k, "weights": args.weights}
+             "kd_alpha": args.kd_alpha, "top_k": args.top_k, "weights": lspec.mode}
     summary = session.run(p, lspec, tspec, out, loss, "distill", resume=args.resume, grad_checkpoint=gc,
                           quiet=args.json, extra=extra)
     report(summary, args.json)

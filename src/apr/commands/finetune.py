@@ -28,9 +28,9 @@ def add_train_args(p, steps: int = 200, alpha_flag: str = "--alpha") -> None:
                    help="stop after this many validations without improvement (default 0: never)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, adapter init, batches, dropout (default 0)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
-    p.add_argument("--weights", choices=["dequant", "dense"], default="dequant",
-                   help="base weights: dequantized on the fly in forward and backward (default, no dense copy) or "
-                        "one dense float32 copy kept per linear")
+    p.add_argument("--weights", choices=["auto", "dequant", "dense"], default="auto",
+                   help="base weights: dequantized on the fly in forward and backward (no dense copy), or one dense "
+                        "float32 copy kept per linear (faster); auto (default): dense when it fits in half the free memory")
     p.add_argument("--no-grad-checkpoint", action="store_true",
                    help="keep every block's activations (faster, more memory) instead of recomputing them")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -74,6 +74,6 @@ def main(args):
     p = session.prepare(args.model, lspec, dspec, tspec, quiet=args.json)
     gc = not args.no_grad_checkpoint
     summary = session.run(p, lspec, tspec, Path(args.out), session.lm_loss(p, gc), "finetune", resume=args.resume,
-                          grad_checkpoint=gc, quiet=args.json, extra={"weights": args.weights})
+                          grad_checkpoint=gc, quiet=args.json, extra={"weights": lspec.mode})
     report(summary, args.json)
     return 0

@@ -93,6 +93,7 @@ def attach(model, targets: list[str], rank: int, alpha: float, dropout: float, s
     if not 0.0 <= dropout < 1.0:
         raise AprError(f"--dropout must be in [0, 1), got {dropout}")
     targets = parse_targets(targets)
+    mode = resolve_mode(model, mode)
     gen = torch.Generator().manual_seed(seed)
     adapters: dict[str, LoRALinear] = {}
     for p in model.parameters():
@@ -112,11 +113,27 @@ def attach(model, targets: list[str], rank: int, alpha: float, dropout: float, s
     return adapters
 
 
+def resolve_mode(model, mode: str) -> str:
+    """"auto": the dense copy when it takes under half the memory available now (measured faster on the 0.5B:
+    docs/training.md), else dequantize on the fly."""
+    if mode != "auto":
+        return mode
+    import os
+
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    dense = sum(m.in_features * m.out_features * 4 for m in lins)  # float32 bytes
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return "dequant"
+    return "dense" if dense < free // 2 else "dequant"
+
+
 def _prepare(lin: QuantLinear, mode: str) -> None:
     if mode == "dense":
         lin.materialize(torch.float32)  # the dense (out, in) float32 weight, kept
     elif mode != "dequant":
-        raise AprError(f"unknown weight mode '{mode}' (choose dequant or dense)")
+        raise AprError(f"unknown weight mode '{mode}' (choose auto, dequant or dense)")
 
 
 def adapter_tensors(adapters: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:

@@ -62,6 +62,7 @@ def prepare(model_spec: str | None, lspec: LoraSpec, dspec: DataSpec, tspec: Tra
     if len(train.ids) < 1 or len(val.ids) < 1:
         raise AprError(f"corpus {dspec.path} is too small: {len(train.ids)} training and {len(val.ids)} validation "
                        f"window(s) of {dspec.seq_len + 1} tokens; give more text or a smaller --seq-len")
+    lspec.mode = lora.resolve_mode(base.model, lspec.mode)  # the summary names the mode that ran
     adapters = lora.attach(base.model, targets, lspec.rank, lspec.alpha, lspec.dropout, tspec.seed, lspec.mode)
     split = {"seed": tspec.seed, "val_fraction": dspec.val_fraction, "train_files": len(train_files),
              "val_files": [f["path"] for f in val_files], "corpus_fingerprint": corpus.fingerprint,
