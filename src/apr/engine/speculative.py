@@ -27,9 +27,10 @@ from apr.errors import AprError
 from apr.model.transformer import Segment
 
 MODES = ("ngram", "draft", "off")
-# tokens drafted per pass. benchmarks/speculative.py (0.5B, code edits, ngram 4): 68% accepted, 2.24 tokens per
-# pass, but no faster than plain decoding on a heavily shared box: speculation stays off unless asked for
-DRAFT_MAX = {"ngram": 4, "draft": 4}
+# tokens drafted per pass. benchmarks/speculative.py (0.5B, 4 code edits, greedy, load ~3 on 2 cores): ngram k=4
+# 0.95x plain decode (68% accepted, 2.24 tokens/pass), k=8 1.31x (53%, 2.58 tokens/pass): a verify pass of 9 rows
+# costs little more than 5, so the longer draft wins. Speculation stays off unless asked for (not measured idle).
+DRAFT_MAX = {"ngram": 8, "draft": 4}
 NGRAM_MAX, NGRAM_MIN = 4, 2  # n-gram lengths tried, longest first
 NGRAM_WINDOW = 4096  # how far back the lookup searches (bounds its cost on long contexts)
 # process defaults for requests that do not choose (set by `apr serve --speculative`)
