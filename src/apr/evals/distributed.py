@@ -319,7 +319,6 @@ def perplexity(pool: Pool, text: str, ctx: int, batch: int | None = None, save_l
     """perplexity_run.run with its batches of windows scored on the pool: the same groups of windows as the
     single-process run (so the same forwards), merged and reduced by the same functions, the base's log-probs
     saved as each batch lands (an interrupted run resumes) or compared with. Each batch names its worker."""
-    import numpy as np
     from tqdm import tqdm
 
     from apr.evals import logits_file
@@ -358,18 +357,5 @@ def perplexity(pool: Pool, text: str, ctx: int, batch: int | None = None, save_l
         bar.update(len(group))
     bar.close()
     wall = time.perf_counter() - t0
-    merged = ppl.merge([scores.values()])
-    report = {"ctx": ctx, "batch": batch, "n_windows": len(wins), "windows_resumed": len(done),
-              "tokens_evaluated": len(todo) * ctx, "score_s": round(wall, 3),
-              "tok_s": round(len(todo) * ctx / wall, 2) if todo and wall > 0 else None,
-              "add_bos": header["add_bos"], "text_sha256": header["text_sha256"],
-              "tokenizer_sha256": header["tokenizer_sha256"],
-              **ppl.perplexity_stats(np.concatenate([sc.nll for sc in merged])), "shards": shards}
-    if save_logits:
-        logits_file.write(save_logits, header, merged)
-        parts.finish()
-        report["saved_logits"] = save_logits
-    if base:
-        report["kl"] = {"base": kl_base, "base_model_sha256": base["header"]["model_sha256"],
-                        "base_dtype": base["header"]["dtype"], **ppl.kl_stats(base, merged)}
-    return report
+    return {**perplexity_run.finish(ctx, batch, wins, done, todo, wall, header, scores, parts, save_logits, base,
+                                    kl_base), "shards": shards}

@@ -71,21 +71,7 @@ def run(lm, text: str, ctx: int, batch: int | None = None, save_logits: str | No
         bar.update(len(group))
     bar.close()
     wall = time.perf_counter() - t0
-    merged = ppl.merge([scores.values()])
-    report = {"ctx": ctx, "batch": batch, "n_windows": len(wins), "windows_resumed": len(done),
-              "tokens_evaluated": len(todo) * ctx, "score_s": round(wall, 3),
-              "tok_s": round(len(todo) * ctx / wall, 2) if todo and wall > 0 else None,
-              "add_bos": header["add_bos"], "text_sha256": header["text_sha256"],
-              "tokenizer_sha256": header["tokenizer_sha256"],
-              **ppl.perplexity_stats(np.concatenate([s.nll for s in merged]))}
-    if save_logits:
-        logits_file.write(save_logits, header, merged)
-        parts.finish()
-        report["saved_logits"] = save_logits
-    if base:
-        report["kl"] = {"base": kl_base, "base_model_sha256": base["header"]["model_sha256"],
-                        "base_dtype": base["header"]["dtype"], **ppl.kl_stats(base, merged)}
-    return report
+    return finish(ctx, batch, wins, done, todo, wall, header, scores, parts, save_logits, base, kl_base)
 
 
 def _base(path: str, header: dict) -> dict:
@@ -123,3 +109,23 @@ def format_text(r: dict) -> str:
                   f"  mean dp (base's top token) {100 * kl['mean_dp_base_top']:.3f} +/- "
                   f"{100 * kl['mean_dp_base_top_error']:.3f} %"]
     return "\n".join(lines)
+
+
+def finish(ctx, batch, wins, done, todo, wall, header, scores, parts, save_logits, base, kl_base) -> dict:
+    """The run's report from its scored windows (one process or a Ray pool: the same reduction): the logits
+    file written when scoring a base, the KL figures when comparing with one."""
+    merged = ppl.merge([scores.values()])
+    report = {"ctx": ctx, "batch": batch, "n_windows": len(wins), "windows_resumed": len(done),
+              "tokens_evaluated": len(todo) * ctx, "score_s": round(wall, 3),
+              "tok_s": round(len(todo) * ctx / wall, 2) if todo and wall > 0 else None,
+              "add_bos": header["add_bos"], "text_sha256": header["text_sha256"],
+              "tokenizer_sha256": header["tokenizer_sha256"],
+              **ppl.perplexity_stats(np.concatenate([s.nll for s in merged]))}
+    if save_logits:
+        logits_file.write(save_logits, header, merged)
+        parts.finish()
+        report["saved_logits"] = save_logits
+    if base:
+        report["kl"] = {"base": kl_base, "base_model_sha256": base["header"]["model_sha256"],
+                        "base_dtype": base["header"]["dtype"], **ppl.kl_stats(base, merged)}
+    return report
