@@ -108,6 +108,15 @@ def row(name: str, res: dict, base: float | None, note: str = "") -> str:
     return f"| {name} | {res['decode']:.1f} | {ratio} | {acc} | {tpp} | {load()} | {note}"
 
 
+def table_head(a, path, ids) -> float | None:
+    """The table's header and its first row, llama.cpp's plain decode: the base every ratio is taken against."""
+    print("| engine | decode tok/s | vs llama.cpp plain | drafts accepted | tokens/pass | load avg | note")
+    print("|---|---|---|---|---|---|---|")
+    peer = {"error": "skipped"} if a.skip_llama else run_llama(a.llama_python, str(path), ids, a.gen_tokens, a.threads, 0)
+    print(row("llama.cpp plain", peer, peer.get("decode")), flush=True)
+    return peer.get("decode")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -134,12 +143,7 @@ def main() -> None:
     all_ids = [prepare_prompt(lm, p)[1] for p in prompts()]
     print(f"{a.model}: {len(all_ids)} code-editing prompts ({', '.join(str(len(i)) for i in all_ids)} tokens), greedy, "
           f"<= {a.gen_tokens} generated, {a.threads} threads, {lm.backend} {lm.dtype}\n")
-    print("| engine | decode tok/s | vs llama.cpp plain | drafts accepted | tokens/pass | load avg | note")
-    print("|---|---|---|---|---|---|---|")
-    peer = {"error": "skipped"} if a.skip_llama else run_llama(a.llama_python, str(lm.path), all_ids, a.gen_tokens,
-                                                                a.threads, 0)
-    base = peer.get("decode")
-    print(row("llama.cpp plain", peer, base), flush=True)
+    base = table_head(a, lm.path, all_ids)
     for k in [] if a.skip_llama else a.lookup:
         print(row(f"llama.cpp PromptLookup({k})", run_llama(a.llama_python, str(lm.path), all_ids, a.gen_tokens,
                                                            a.threads, k), base), flush=True)
@@ -156,12 +160,7 @@ def main() -> None:
     target = load_model(a.target, backend="cpu", quiet=True)
     ids = [prepare_prompt(target, p)[1] for p in prompts()]
     print(f"\n{a.target} with {a.draft} drafting (same prompts)\n")
-    print("| engine | decode tok/s | vs llama.cpp plain | drafts accepted | tokens/pass | load avg | note")
-    print("|---|---|---|---|---|---|---|")
-    peer = {"error": "skipped"} if a.skip_llama else run_llama(a.llama_python, str(target.path), ids, a.gen_tokens,
-                                                                a.threads, 0)
-    base = peer.get("decode")
-    print(row("llama.cpp plain", peer, base), flush=True)
+    base = table_head(a, target.path, ids)
     plain = run_apr(target, ids, a.gen_tokens, speculative="off")
     print(row("apr plain", plain, base), flush=True)
     res = run_apr(target, ids, a.gen_tokens, speculative="ngram", draft_max=a.draft_max[0])
