@@ -368,3 +368,16 @@ def test_committed_baseline_per_machine_class(tiny_qwen, tmp_path, monkeypatch):
     other.write_text(json.dumps({**doc, "isa_class": "amx" if isa_class() != "amx" else "avx2"}))
     wrong = gate(95.0, other)
     assert not wrong.passed and not wrong.skipped and "machine class" in wrong.message
+
+
+def test_saved_reports_never_replace_each_other(tiny_qwen):
+    """Two runs saved within one millisecond (same timestamp, same process) keep two files."""
+    from apr.qa.report import GateResult, QAReport, history, save
+
+    lm = load_model(tiny_qwen, quiet=True)
+    before = len(history(lm.sha256))
+    stamp = "2026-01-01T00:00:00.000001+00:00"
+    paths = [save(QAReport(str(lm.path), lm.sha256, [GateResult("x", ok, False, "m", None, None)], 1.0,
+                           {"dtype": lm.dtype, "backend": lm.backend}, timestamp=stamp)) for ok in (True, False)]
+    assert None not in paths and paths[0] != paths[1]
+    assert len(history(lm.sha256)) == before + 2

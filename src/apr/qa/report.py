@@ -150,15 +150,24 @@ def save(report: QAReport) -> Path | None:
         return None
     d = reports_dir(report.model_sha256)
     stamp = report.timestamp[:23].replace("-", "").replace(":", "")  # 20260101T120000.123 (UTC)
-    name = f"{stamp}Z-{os.getpid()}.json"
+    tmp = d / f".{stamp}Z-{os.getpid()}.tmp"
     try:
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / (name + ".tmp")
         tmp.write_text(json.dumps(report.to_dict(), indent=1))
-        os.replace(tmp, d / name)
-        return d / name
+        # two runs within one millisecond (a fast box, or a test) must not replace each other: a link never
+        # overwrites, so the second one takes the next free suffix
+        for n in range(1000):
+            final = d / f"{stamp}Z-{os.getpid()}{f'-{n}' if n else ''}.json"
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                continue
+        return None
     except OSError:
         return None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def history(sha256: str) -> list[dict]:
