@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
@@ -49,9 +50,13 @@ def _write(f: AprFile, tmp: Path, progress: bool, label: str = "gguf") -> None:
 
 
 def _add_kv(w: GGUFWriter, f: AprFile) -> None:
-    for key, (vtype, sub) in f.kv_types.items():
-        value = f.metadata[key]
-        if key == "general.architecture":
+    add_kv(w, ((key, f.metadata[key], *f.kv_types[key]) for key in f.kv_types))
+
+
+def add_kv(w: GGUFWriter, items: Iterable[tuple[str, Any, int, int | None]]) -> None:
+    """(key, value, value type, array item type) -> the writer, with the exact types; also `apr export`'s."""
+    for key, value, vtype, sub in items:
+        if key == "general.architecture":  # GGUFWriter wrote it itself
             continue
         if key == "general.alignment":  # the writer must also pad the data to it
             w.add_custom_alignment(int(value))

@@ -19,6 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as T, GGUFValueType, GGUFWriter
 
 from apr.errors import AprError
+from apr.formats.apr_export import add_kv
 from apr.formats.apr_header import byte_shape
 from apr.quant import dequantize
 from apr.quant.quantize import FILE_TYPES, plan_types, quantize
@@ -182,18 +183,13 @@ def _write(src: Source, tmp: Path, mix: str, plan: dict, sizes: dict, lora: dict
 
 
 def _add_kv(w: GGUFWriter, src: Source, mix_type: int) -> None:
-    for key, value in src.metadata.items():
-        if key not in src.kv_types or key == "general.architecture":  # the writer adds the architecture itself
-            continue
-        vtype, sub = src.kv_types[key]
-        if key == "general.file_type":  # the source's is wrong after re-quantization
-            value = mix_type
-        if key == "general.alignment":  # the writer must also pad the data to it
-            w.add_custom_alignment(int(value))
-            continue
-        if vtype == GGUFValueType.ARRAY and not value:
-            raise AprError(f"metadata key {key!r} is an empty array, which gguf-py cannot write")
-        w.add_key_value(key, value, GGUFValueType(vtype), GGUFValueType(sub) if sub is not None else None)
+    def items():
+        for key, value in src.metadata.items():
+            if key in src.kv_types:
+                # the source's general.file_type is wrong after re-quantization
+                yield key, (mix_type if key == "general.file_type" else value), *src.kv_types[key]
+
+    add_kv(w, items())
     if "general.file_type" not in src.kv_types:
         w.add_key_value("general.file_type", mix_type, GGUFValueType.UINT32)
 
