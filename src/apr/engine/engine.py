@@ -369,13 +369,19 @@ class Engine:
                                     if k.startswith("batch_size_")}}
 
 
+_ENGINE_FOR = threading.Lock()
+
+
 def engine_for(lm, parallel: int = 1) -> Engine:
-    """The model's engine (one per loaded model: it owns the model's KV cache), with at least `parallel` slots."""
-    eng = getattr(lm, "engine", None)
-    if eng is None or (eng.parallel < parallel and eng.idle() and eng._thread is None):
-        eng = Engine(lm, parallel)
-        lm.engine = eng
-    return eng
+    """The model's engine (one per loaded model: it owns the model's KV cache), with at least `parallel` slots.
+    Locked: callers on several threads (HumanEval --parallel) must never each make one, two engines writing
+    the same cache."""
+    with _ENGINE_FOR:
+        eng = getattr(lm, "engine", None)
+        if eng is None or (eng.parallel < parallel and eng.idle() and eng._thread is None):
+            eng = Engine(lm, parallel)
+            lm.engine = eng
+        return eng
 
 
 __all__ = ["Engine", "Event", "QueueFull", "Request", "SamplingParams", "engine_for"]

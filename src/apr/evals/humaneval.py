@@ -242,27 +242,27 @@ def make_sampler(lm, generate, chat: bool, temperature: float, max_tokens: int, 
                  parallel: int = 1) -> Sampler:
     """Bind the runtime's one engine to HumanEval's prompting: chat template for instruct models, plain
     continuation with stop sequences for base ones. Seeds depend on (task, sample) only, so a resumed or
-    batched run draws what the uninterrupted sequential one would have. `sample.start` queues a problem on
-    the engine (up to `parallel` decode together) and returns a function that waits for its answer; every
-    prompt is prefilled in full (no prefix-cache reuse), so an answer never depends on what ran before it."""
+    batched run draws what the uninterrupted sequential one would have. `sample.start` begins a problem and
+    returns a function that waits for its answer; every prompt is prefilled in full (no prefix-cache reuse),
+    so an answer never depends on what ran before it or beside it.
+
+    Both paths call the `generate` given here, and nothing else: with `parallel` > 1 up to that many calls
+    run at once on worker threads, and the model's one engine batches them (each call drives its steps).
+    A second route to the engine (apr.generate.submit) once bypassed it: whatever a caller bound in (the
+    SHIP-005 falsification's planted answers) was ignored under --parallel, and a prompt too long for the
+    context failed the run at submission, before the problems queued ahead of it were generated or
+    recorded. Now an error surfaces when its own problem lands, in order, as in the sequential run."""
+    workers = ThreadPoolExecutor(parallel, thread_name_prefix="apr-humaneval") if parallel > 1 else None
+
     def start(problem: dict, idx: int):
         num = int(problem["task_id"].rsplit("/", 1)[-1]) if problem["task_id"][-1:].isdigit() else 0
         prompt = chat_prompt(problem) if chat else problem["prompt"]
         kw = dict(chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
                   seed=seed * 1_000_003 + num * 1000 + idx, stop=None if chat else list(STOP), cache_prompt=False)
-        if parallel <= 1:
+        if workers is None:
             return lambda: _info(generate(lm, prompt, **kw))
-        from apr.generate import submit
-
-        _, req = submit(lm, prompt, parallel=parallel, **kw)
-
-        def finish() -> tuple[str, dict]:
-            r = req.result()
-            if req.stop_reason == "error":
-                raise AprError(f"generation failed on {problem['task_id']}: {req.error}")
-            return _info(r)
-
-        return finish
+        fut = workers.submit(generate, lm, prompt, parallel=parallel, **kw)  # an engine with `parallel` slots
+        return lambda: _info(fut.result())
 
     def sample(problem: dict, idx: int) -> tuple[str, dict]:
         return start(problem, idx)()
