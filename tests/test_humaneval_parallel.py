@@ -47,14 +47,15 @@ def test_ship005_falsification_holds_under_parallel(contract, tiny_qwen, capsys,
 
 def test_parallel_fails_like_sequential_on_a_small_context(tiny_qwen, capsys, monkeypatch, tmp_path):
     """The real engine on the tiny model: HumanEval/0 fits its 512 tokens, HumanEval/1 (620) does not. Both
-    runs record HumanEval/0 with the same greedy text, then stop on HumanEval/1 with the same error."""
+    runs record HumanEval/0 with the same greedy text, then stop on HumanEval/1 with the same error (the
+    batched one with HumanEval/2 still in flight: cancelled, not recorded)."""
     from apr.cli import main
 
     monkeypatch.setenv("APR_HOME", str(tmp_path / "home"))
     seen = {}
     for n in (1, 4):
         capsys.readouterr()
-        rc = main(["eval", "humaneval", str(tiny_qwen), "--limit", "2", "--max-tokens", "8", "--json",
+        rc = main(["eval", "humaneval", str(tiny_qwen), "--limit", "3", "--max-tokens", "8", "--json",
                    "--parallel", str(n), "--out", str(tmp_path / f"p{n}")])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         seen[n] = rc, err, [(r["task_id"], r["completion"], r["status"]) for r in _records(tmp_path / f"p{n}")]
@@ -109,3 +110,31 @@ def test_engine_for_makes_one_engine_across_threads(tiny_qwen, monkeypatch):
     for t in threads:
         t.join()
     assert len({id(e) for e in got}) == 1 and got[0] is lm.engine and lm.engine.parallel == 4
+
+
+def test_an_abandoned_parallel_run_cancels_its_calls(tmp_path):
+    """HumanEval/1 fails while HumanEval/2 still generates: the run records HumanEval/0, raises HumanEval/1's
+    error, and cancels HumanEval/2 on the engine instead of leaving its worker generating to the end."""
+    from types import SimpleNamespace
+
+    from apr.errors import AprError, ContextOverflow
+    from apr.evals import humaneval
+
+    cancelled = threading.Event()
+    lm = SimpleNamespace(engine=SimpleNamespace(cancel_all=cancelled.set))
+    problems = humaneval.load_problems(3)
+    answer = f"```python\n{problems['HumanEval/0']['prompt']}{problems['HumanEval/0']['canonical_solution']}```"
+
+    def generate(lm, prompt, **kw):
+        if problems["HumanEval/1"]["entry_point"] in prompt:
+            raise ContextOverflow("the prompt has 620 tokens; the context holds 512")
+        if problems["HumanEval/2"]["entry_point"] in prompt:
+            assert cancelled.wait(30), "never cancelled"
+        return SimpleNamespace(text=answer, tokens=[1], stop_reason="eos", decode_tok_s=1.0)
+
+    sample = humaneval.make_sampler(lm, generate, True, 0.0, 8, 0, parallel=3)
+    meta = {"prompt_style": "chat", "temperature": 0.0, "max_tokens": 8, "seed": 0}
+    with pytest.raises(AprError, match="620 tokens"):
+        humaneval.run_generation(sample, problems, tmp_path, meta, parallel=3)
+    assert cancelled.is_set()
+    assert [(r["task_id"], r["status"]) for r in _records(tmp_path)] == [("HumanEval/0", "passed")]

@@ -140,6 +140,14 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
+    def cancel_all(self) -> None:
+        """Cancel every waiting and running request (a caller abandoning its whole batch: HumanEval's workers
+        after an error or Ctrl-C); each ends "cancelled" at the next step instead of generating on."""
+        with self._lock:
+            for r in list(self.waiting) + self.running:
+                r._cancel.set()
+            self._wakeup.notify_all()
+
     def drive_once(self) -> bool:
         """Run one step from the caller's thread when no background loop runs; False when it did not."""
         if self._thread is not None:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -201,6 +202,8 @@ def run_generation(sample: Sampler, problems: dict, out: Path, meta: dict, sampl
             while flight:
                 land()
         finally:  # an interrupted run still records what it generated
+            if flight:  # and abandons what it did not land (see make_sampler)
+                getattr(sample, "cancel", lambda: None)()
             _drain(pending, fh, records, bar, wait=True)
             bar.close()
     return summarize(records)
@@ -261,13 +264,30 @@ def make_sampler(lm, generate, chat: bool, temperature: float, max_tokens: int, 
                   seed=seed * 1_000_003 + num * 1000 + idx, stop=None if chat else list(STOP), cache_prompt=False)
         if workers is None:
             return lambda: _info(generate(lm, prompt, **kw))
-        fut = workers.submit(generate, lm, prompt, parallel=parallel, **kw)  # an engine with `parallel` slots
+        fut = workers.submit(work, prompt, kw)
         return lambda: _info(fut.result())
+
+    def work(prompt: str, kw: dict):
+        if abandoned.is_set():  # queued behind the calls of a run that has stopped
+            return None
+        return generate(lm, prompt, parallel=parallel, **kw)  # an engine with `parallel` slots
+
+    abandoned = threading.Event()
+
+    def cancel() -> None:
+        """The run stopped with calls in flight: end them now, not after up to max_tokens more tokens each
+        (a worker thread is not interrupted by Ctrl-C, and the interpreter waits for it at exit)."""
+        abandoned.set()
+        eng = getattr(lm, "engine", None)
+        if eng is not None:
+            eng.cancel_all()
 
     def sample(problem: dict, idx: int) -> tuple[str, dict]:
         return start(problem, idx)()
 
     sample.start = start
+    if workers is not None:
+        sample.cancel = cancel
     return sample
 
 
