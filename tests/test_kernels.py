@@ -249,6 +249,45 @@ def test_multi_row_kernel_equals_one_row_calls_bit_for_bit(isa, qtype, monkeypat
         native.set_row_tile(old)
 
 
+def _int8_steps(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) rounded as the kernel rounds it: 32-blocks in int8 steps of max|block| / 127 (float64)."""
+    xb = x.double().reshape(x.shape[0], -1, 32)  # (M, K) -> (M, K/32, 32)
+    amax = xb.abs().amax(-1, keepdim=True).float()
+    q = torch.round(xb * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)).double())
+    return (q * (amax / 127).double()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda q: Q(q).name)
+@pytest.mark.parametrize("isa", list(native.VARIANTS))
+def test_split_activations_cut_the_rounding_and_batch_bit_for_bit(isa, qtype, monkeypatch):
+    """split: x as two int8 rows (the second rounds what the first rounded off). Against the exact model of
+    that arithmetic in float64 only float32 accumulation remains; against unrounded x the error is ~100x
+    below one int8 row's; and batched rows, every tile size included, equal one-row calls bit for bit."""
+    _use_isa(isa, monkeypatch)
+    n, k = 37, 512 if _lookup(qtype).block_size == 256 else 544
+    raw, bias = raw_matrix(qtype, n, k, seed=11 + int(qtype)), torch.randn(n)
+    w = dequantize(raw, qtype, (n, k)).double()
+    x = torch.randn(11, k, generator=torch.Generator().manual_seed(3)) * torch.logspace(-2, 2, 11)[:, None]
+    x[2, 64:96] = 0  # a block whose two scales are 0
+    x[5, 7] = 400.0  # an outlier that takes its block's int8 scale: what the second row exists for
+    first = _int8_steps(x)
+    exact = first + _int8_steps((x.double() - first).float())  # d q + d2 q2, as quantize_rows forms it
+    exact = exact @ w.T + bias.double()
+    y = native.matmul(x, raw, qtype, n, bias, split=True)
+    assert rel_err(y, exact) < 2e-6
+    ref = x.double() @ w.T + bias.double()
+    assert rel_err(y, ref) * 100 < rel_err(native.matmul(x, raw, qtype, n, bias), ref)
+    one = torch.cat([native.matmul(x[i:i + 1], raw, qtype, n, bias, split=True) for i in range(11)])
+    assert torch.equal(y, one)
+    old = native.set_row_tile(1)
+    try:
+        for tile in (1, 2, 3, 5, 8):  # odd tiles are made even: a row's two halves share a tile
+            native.set_row_tile(tile)
+            assert torch.equal(native.matmul(x, raw, qtype, n, bias, split=True), one), f"tile {tile}"
+    finally:
+        native.set_row_tile(old)
+
+
 def test_unrunnable_isa_is_refused_with_its_reason(monkeypatch):
     monkeypatch.setenv("APR_KERNEL_ISA", "nope")
     assert not native.available() and "APR_KERNEL_ISA=nope" in native.status()

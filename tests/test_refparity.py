@@ -13,14 +13,11 @@ from conftest import real_model
 pytestmark = [pytest.mark.real, pytest.mark.reference]
 pytest.importorskip("transformers")
 
-SMOL_MISS = ("measured 2026-12-01/02: top-1 95.3%, KL 0.0039 over 257 positions (float32 path: 100%; llama.cpp on the "
-             "same GGUF: 95.7%): the default path's int8-activation rounding, not a layer bug: see docs/contracts.md")
-
 
 @pytest.mark.parametrize("name", [
     "qwen2.5-coder-0.5b-instruct",
     "qwen2.5-coder-1.5b-instruct",
-    pytest.param("smollm2-135m-instruct", marks=pytest.mark.xfail(reason=SMOL_MISS, strict=True)),
+    "smollm2-135m-instruct",  # int8 activations missed here (top-1 95.3%): it takes two rows (hub.act_split)
 ])
 def test_default_path_matches_transformers(name):
     real_model(name)
@@ -28,3 +25,4 @@ def test_default_path_matches_transformers(name):
     print(name, r)  # shown with -rA: the figures
     assert r["positions"] >= 256 and r["step_impl"] in ("native-c", "native-c-block", "torch", "torch-block", "cuda-graph")
     assert r["top1"] >= MIN_TOP1 and r["kl"] <= MAX_KL, r
+    assert r["activations"] == ("int8x2" if name.startswith("smollm2") else "int8"), r

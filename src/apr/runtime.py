@@ -30,6 +30,11 @@ class LoadedModel:
     engine: Any = None  # apr.engine.Engine, made on first use (apr.engine.engine_for): it owns the KV cache
 
     @property
+    def activations(self) -> str:
+        """How the native kernels round activations: "int8" blocks, or "int8x2" (two rows, see hub.act_split)."""
+        return "int8x2" if getattr(self.model, "act_split", False) else "int8"
+
+    @property
     def is_instruct(self) -> bool:
         return bool(self.tokenizer.has_chat_template)
 
@@ -80,6 +85,7 @@ def load_model(spec: str | Path | None, dtype: str | None = None, backend: str =
     sha = hub.known_sha256(path) or hub.sha256_file(path)
     probe = tokenizer.encode(backends.GATE_PROMPT)[:32] or [0]
     sel = backends.select(backend, config, tensors, DTYPES[dtype], sha, probe)
+    sel.model.set_act_split(hub.act_split(sha))  # how the native kernels round activations: per model, measured
     if not quiet and len(sel.chain) > 1:
         print(f"apr: {backends.describe(sel.chain)}", file=sys.stderr)
     return LoadedModel(path, sha, config, tokenizer, sel.model, metadata, dtype, sel.backend,

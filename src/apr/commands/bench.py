@@ -117,7 +117,7 @@ def main(args):
         "prefill_tok_s_max": round(m["prefill"]["max"], 3),
         "decode_tok_s": round(m["decode"]["median"], 3), "decode_tok_s_min": round(m["decode"]["min"], 3),
         "decode_tok_s_max": round(m["decode"]["max"], 3),
-        "kernel_isa": native_isa(lm), "step_impl": lm.engine.step_impl, "load_s": round(lm.load_s, 3), "first_token_s": round(m["first_token_s"], 3),
+        "kernel_isa": native_isa(lm), "step_impl": lm.engine.step_impl, "activations": lm.activations, "load_s": round(lm.load_s, 3), "first_token_s": round(m["first_token_s"], 3),
         "peak_rss_mb": round(peak_rss_mb(), 1), "file_mb": round(lm.path.stat().st_size / 2**20, 1),
     }
     if args.json:

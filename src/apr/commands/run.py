@@ -67,7 +67,7 @@ def report(lm, result, wall: float) -> dict:
         "stop_reason": result.stop_reason,
         "prefill_tok_s": round(result.prefill_tok_s, 3), "decode_tok_s": round(result.decode_tok_s, 3),
         "load_s": round(lm.load_s, 3), "wall_s": round(wall, 3),
-        "backend": lm.backend, "dtype": lm.dtype, "step_impl": lm.engine.step_impl, "kernel_isa": _kernel_isa(),
+        "backend": lm.backend, "dtype": lm.dtype, "step_impl": lm.engine.step_impl, "kernel_isa": _kernel_isa(), "activations": lm.activations,
         "backend_chain": lm.backend_chain, "speculative": result.speculative,
     }
 

@@ -21,7 +21,8 @@ _P = ctypes.c_void_p
 
 
 class _WGroup(ctypes.Structure):
-    _fields_ = [("n", ctypes.c_int), ("qtypes", _P), ("ws", _P), ("row_bytes", _P), ("Ns", _P), ("biases", _P)]
+    _fields_ = [("n", ctypes.c_int), ("qtypes", _P), ("ws", _P), ("row_bytes", _P), ("Ns", _P), ("biases", _P),
+                ("split", ctypes.c_int)]
 
 
 class _DLayer(ctypes.Structure):
@@ -32,8 +33,8 @@ class _DLayer(ctypes.Structure):
 
 
 def _group(mods) -> tuple[_WGroup, native.Group]:
-    g = native.Group([(m.raw, m.qtype, m.out_features, m._bias32) for m in mods])
-    return _WGroup(g.args[0], *(ctypes.cast(a, _P) for a in g.args[1:])), g
+    g = native.Group([(m.raw, m.qtype, m.out_features, m._bias32) for m in mods], mods[0].act_split)
+    return _WGroup(g.args[0], *(ctypes.cast(a, _P) for a in g.args[1:]), g.split), g
 
 
 def usable(model) -> bool:
@@ -65,6 +66,10 @@ class NativeStep:
                 int(not cfg.rope_interleaved), cfg.norm_eps,
                 b.attn_norm.weight.data_ptr(), b.ffn_norm.weight.data_ptr(), *(w for w, _ in groups),
                 cache.k.data_ptr() + i * per_layer, cache.v.data_ptr() + i * per_layer, cache.slots))
+        out = model.output
+        # the head in float32 in and out: the logits of near-ties differ by less than a bf16 step (1/128 of a
+        # logit near 1), and rounding x to bf16 before its int8 blocks adds a rounding of its own
+        self.head = _group((out,))[1] if out.kind == "ggml" else None
 
     def valid_for(self, model) -> bool:
         """Built over this cache and these weights (any re-prepared linear invalidates it)."""
@@ -84,4 +89,8 @@ class NativeStep:
                                       sin.data_ptr(), threads)
             if rc:
                 raise RuntimeError(f"native decode step failed ({rc}) at positions {pos}, slots {slots}")
-        return m.output(m.output_norm(x)).float()
+        if self.head is None:
+            return m.output(m.output_norm(x)).float()
+        norm = m.output_norm
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight  # RMSNorm, kept float32
+        return self.head(h)  # (M, vocab) float32

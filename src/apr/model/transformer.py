@@ -164,6 +164,7 @@ class Transformer(nn.Module):
         self.dtype, self.device = torch.float32, torch.device("cpu")
         self._graph: _Graph | None = None
         self._native = None  # apr.model.native_step.NativeStep over the current cache and weights
+        self.act_split = False  # see set_act_split
 
     def materialize(self, dtype: torch.dtype, device=None) -> "Transformer":
         """Prepare every quantized module for compute in `dtype` on `device` (dense or packed, the module
@@ -178,6 +179,14 @@ class Transformer(nn.Module):
                 m.weight, m.out_dtype = m.weight.to(self.device), dtype
         self.cache, self._graph, self._native = None, None, None
         return self
+
+    def set_act_split(self, on: bool) -> None:
+        """Whether the native kernels round activations to two int8 rows instead of one (native.Group)."""
+        self.act_split = bool(on)
+        for m in self.modules():
+            if isinstance(m, QuantLinear):
+                m.act_split, m._groups = self.act_split, {}
+        self._native = None  # its groups were built with the old setting
 
     def setup_cache(self, capacity: int, slots: int = 1, keep: bool = False) -> None:
         """Room for `capacity` positions in each of `slots` sequences. `keep` (the engine's prefix cache) grows

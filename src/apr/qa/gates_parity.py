@@ -61,7 +61,7 @@ def reference_parity(ctx) -> Outcome:
             del ref
             gc.collect()
     ok = r["top1"] >= MIN_TOP1 and r["kl"] <= MAX_KL
-    msg = (f"{lm.dtype}/{lm.backend} ({r['step_impl']}), prefill {r['prefill']} then one token per step, vs "
+    msg = (f"{lm.dtype}/{lm.backend} ({r['step_impl']}, {r.get('activations', 'int8')} activations), prefill {r['prefill']} then one token per step, vs "
            f"transformers float32: top-1 agreement {r['top1']:.2%} over {r['positions']} positions (>= {MIN_TOP1:.0%}), "
            f"mean KL {r['kl']:.3g} (<= {MAX_KL}); ppl apr {r['ppl_apr']:.3f} vs transformers {r['ppl_ref']:.3f}")
     if not ok:

@@ -40,7 +40,7 @@ def reference_logits(ref, ids: list[int], prefill: int = PREFILL) -> torch.Tenso
 
 def generation_parity(lm, ref, ids: list[int], prefill: int = PREFILL) -> dict:
     la = apr_generation_logits(lm, ids, prefill)
-    info = {"dtype": lm.dtype, "backend": lm.backend, "step_impl": step_impl(lm)}
+    info = {"dtype": lm.dtype, "backend": lm.backend, "step_impl": step_impl(lm), "activations": lm.activations}
     return {**agreement(la, reference_logits(ref, ids, prefill), ids, prefill), **info}
 
 
@@ -71,7 +71,8 @@ def measure(spec: str, tokens: int = TOKENS) -> dict:
 
     lm = load_model(spec, quiet=True)  # the default dtype and backend: what `apr run` uses
     ids = code_ids(lm.tokenizer, PREFILL + tokens)
-    la, info = apr_generation_logits(lm, ids), {"dtype": lm.dtype, "backend": lm.backend, "step_impl": step_impl(lm)}
+    la = apr_generation_logits(lm, ids)
+    info = {"dtype": lm.dtype, "backend": lm.backend, "step_impl": step_impl(lm), "activations": lm.activations}
     path, config = Path(lm.path), lm.config
     del lm
     gc.collect()

@@ -58,6 +58,7 @@ class QuantLinear(nn.Module):
         self._bias32 = self.bias  # the exact bias: every dtype's copy is made from it, never from another copy
         self.prepared: kernels.Prepared | None = None
         self._groups: dict = {}  # fused native calls led by this module (see `fused`)
+        self.act_split = False  # native kernels round x to two int8 rows (native.Group); the model decides
 
     @property
     def kind(self) -> str:
@@ -170,7 +171,7 @@ def fused(mods: list[QuantLinear], x: torch.Tensor) -> list[torch.Tensor]:
     key = tuple(map(id, mods))
     version, group = first._groups.get(key, (None, None))
     if version != _VERSION[0]:  # built once per set of prepared states (see _VERSION)
-        group = native.Group([(m.raw, m.qtype, m.out_features, m._bias32) for m in mods])
+        group = native.Group([(m.raw, m.qtype, m.out_features, m._bias32) for m in mods], first.act_split)
         first._groups[key] = (_VERSION[0], group)
     return list(group(x).split(group.sizes, dim=-1))
 

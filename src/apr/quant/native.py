@@ -129,7 +129,7 @@ def _build_and_load(isa: str) -> tuple[ctypes.CDLL | None, str]:
     lib.apr_decode_layer.argtypes = [p, p, ctypes.c_int64, p, p, p, p, ctypes.c_int]  # (layer, x, M, pos, slot, cos, sin, threads)
     lib.apr_dequant.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int]
     lib.apr_matmul_multi.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int64, p, ctypes.c_int, ctypes.c_int64,
-                                     p, ctypes.c_int, ctypes.c_int]
+                                     p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib, "ok"
 
 
@@ -188,9 +188,11 @@ def _ptrs(ctype, values) -> ctypes.Array:
 
 class Group:
     """Weights that read the same x, as ctypes arrays built once: (raw2d (N, row_bytes) uint8 ggml rows on
-    the CPU, ggml type, N, float32 bias (N,) or None) each. `__call__` is one native call."""
+    the CPU, ggml type, N, float32 bias (N,) or None) each. `__call__` is one native call. `split`: x is
+    rounded to two int8 rows instead of one (quantize_rows in matmul_multi.c: ~250x less activation error)."""
 
-    def __init__(self, weights: list[tuple[torch.Tensor, int, int, torch.Tensor | None]]):
+    def __init__(self, weights: list[tuple[torch.Tensor, int, int, torch.Tensor | None]], split: bool = False):
+        self.split = int(bool(split))
         self.row_bytes = [_check_rows(r, t, n, b) for r, t, n, b in weights]
         self.biases = [None if b is None else b.float().contiguous() for *_, b in weights]  # kept alive
         self.sizes = [n for _, _, n, _ in weights]
@@ -217,15 +219,16 @@ class Group:
         y = torch.empty(x2.shape[0], self.n_out, dtype=x.dtype)
         bf16 = int(x.dtype == torch.bfloat16)
         rc = _load()[0].apr_matmul_multi(*self.args, k, x2.data_ptr(), bf16, x2.shape[0], y.data_ptr(), bf16,
-                                        torch.get_num_threads())
+                                        torch.get_num_threads(), self.split)
         if rc:
             raise RuntimeError(f"native matmul failed ({rc}) for types {list(self.args[1])}, K={k}")
         return y.reshape(*x.shape[:-1], self.n_out)  # (M, N) -> (..., N)
 
 
-def matmul(x: torch.Tensor, raw2d: torch.Tensor, qtype: int, n_out: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, raw2d: torch.Tensor, qtype: int, n_out: int, bias: torch.Tensor | None = None,
+           split: bool = False) -> torch.Tensor:
     """x (..., K) @ W.T (+ bias) for one weight given as ggml rows (see Group)."""
-    return Group([(raw2d, qtype, n_out, bias)])(x)
+    return Group([(raw2d, qtype, n_out, bias)], split)(x)
 
 
 def dequantize(raw2d: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:

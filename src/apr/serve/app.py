@@ -132,6 +132,7 @@ def _add_routes(app: FastAPI) -> None:
             return JSONResponse({"status": "loading", "error": state.load_error}, status_code=503,
                                 headers={"Retry-After": "2"})
         return {"status": "ok", "model": state.model_id, "step_impl": state.engine.step_impl,
+                "activations": state.engine.lm.activations,
                 "parallel": state.engine.parallel}
 
     @app.get("/metrics")

@@ -16,7 +16,7 @@
 
 int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const int64_t *row_bytes,
                      const int64_t *Ns, const float *const *biases, int64_t K, const void *x, int x_bf16,
-                     int64_t M, void *y, int y_bf16, int threads);
+                     int64_t M, void *y, int y_bf16, int threads, int split);
 
 typedef struct { /* weights that read the same input, as apr_matmul_multi takes them */
     int n;
@@ -24,6 +24,7 @@ typedef struct { /* weights that read the same input, as apr_matmul_multi takes 
     const uint8_t *const *ws;
     const int64_t *row_bytes, *Ns;
     const float *const *biases;
+    int split; /* x as two int8 rows (see quantize_rows in matmul_multi.c) */
 } wgroup;
 
 typedef struct { /* one block; built once in Python (apr.model.native_step) */
@@ -39,7 +40,7 @@ typedef struct { /* one block; built once in Python (apr.model.native_step) */
 /* y (M, N) = x (M, K) @ W.T: every weight row is read once for all M rows of the batch, and each row's dot
  * is the same arithmetic as with M = 1, so a sequence's numbers do not depend on what it is batched with */
 static int matvec(const wgroup *g, int64_t K, const float *x, int64_t M, float *y, int threads) {
-    return apr_matmul_multi(g->n, g->qtypes, g->ws, g->row_bytes, g->Ns, g->biases, K, x, 0, M, y, 0, threads);
+    return apr_matmul_multi(g->n, g->qtypes, g->ws, g->row_bytes, g->Ns, g->biases, K, x, 0, M, y, 0, threads, g->split);
 }
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
