@@ -82,13 +82,18 @@ def test_verify_reproduces_and_appends(done, capsys):
     assert "sha256" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("edit", ["observed", "sha", "criterion", "verdict"])
+@pytest.mark.parametrize("edit", ["observed", "chain_observed", "chain_detail", "chain_value", "sha", "criterion",
+                                  "verdict"])
 def test_hand_edited_evidence_is_refused(done, edit, capsys):
     path, model, folder = done
     file = folder / "discharge-evidence-v1.json"
     doc = json.loads(file.read_text())
+    step = next(s for s in doc["verification_chain"] if s.get("path") == "$.size")
     if edit == "observed":
         doc["observed"]["$.size"] = 99999
+    elif edit.startswith("chain_"):  # the verdict step's own copy: what a reader sees first in the file
+        key = edit[len("chain_"):]
+        step[key] = step[key].replace("observed", "observed 1 +") if key == "detail" else 99999
     elif edit == "sha":
         doc["artifact"]["sha256"] = "0" * 64
     elif edit == "criterion":
@@ -98,7 +103,7 @@ def test_hand_edited_evidence_is_refused(done, edit, capsys):
     file.write_text(json.dumps(doc))
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
-    code = {"observed": "PV-E021", "sha": "PV-E020", "criterion": "PV-E019", "verdict": "PV-E021"}[edit]
+    code = {"sha": "PV-E020", "criterion": "PV-E019"}.get(edit, "PV-E021")
     assert code in out and str(file) in out
 
 

@@ -54,12 +54,22 @@ def _rejudge(doc: dict) -> list[str]:
             problems.append(f"observed {clause.path} is {json.dumps(recorded)} but the raw output says {json.dumps(value)}")
         if step.get("verdict") != ("PASS" if ok else "FAIL"):
             problems.append(f"verdict[{i}] is recorded {step.get('verdict')} but re-evaluates to {'PASS' if ok else 'FAIL'}")
+        problems += _step_agrees(i, step, clause, value)
     if doc.get("verdict") != ("PASS" if all_pass and steps else "FAIL"):
         problems.append(f"verdict {doc.get('verdict')} does not follow from its verification chain")
     sha = (doc.get("artifact") or {}).get("sha256")
     if "sha256" in steps and sha and sha not in str(steps["sha256"].get("detail")):
         problems.append(f"artifact sha256 {sha[:12]}... is not the one its sha256 step hashed")
     return problems
+
+
+def _step_agrees(i: int, step: dict, clause, value: Any) -> list[str]:
+    """A verdict step repeats its clause and the observed value (fields and the detail line people read):
+    each copy must be what the clause and the raw output give, or a hand edit of one copy would go unseen."""
+    want = {"path": clause.path, "op": clause.op, "value": clause.value, "observed": value,
+            "detail": f"{clause.describe()} (observed {json.dumps(value)})"}
+    return [f"verdict[{i}].{k} is recorded {json.dumps(_plain(step[k]))} but the clause and raw output give "
+            f"{json.dumps(_plain(v))}" for k, v in want.items() if k in step and _plain(step[k]) != _plain(v)]
 
 
 def _stdout_agrees(folder: Path, doc: dict) -> str:
