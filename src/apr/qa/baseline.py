@@ -7,7 +7,8 @@ picks the file of this machine's class; `--baseline FILE` names one (of this cla
 Without --baseline the newest saved run of the same model, dtype and backend is used ($APR_HOME/qa-reports).
 No baseline at all is a SKIP, never a pass.
 
-    python -m apr.qa.baseline MODEL DIR   measure decode tok/s as the gate does and record it in DIR/<class>.json
+    python -m apr.qa.baseline MODEL DIR   measure decode tok/s as the gate does (the median of 5 runs) and record
+                                          it in DIR/<class>.json
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def record(spec: str, folder: Path) -> dict:
     speed = decode_speed(ctx)
     prov = provenance({"dtype": lm.dtype, "backend": lm.backend})
     entry = {"model": Path(lm.path).name, "sha256": lm.sha256, "dtype": lm.dtype, "backend": lm.backend,
-             "decode_tok_s": round(speed["decode_tok_s"], 3), "steps": speed["steps"], "measured": now_iso(),
+             "decode_tok_s": round(speed["decode_tok_s"], 3), "runs_tok_s": speed.get("runs_tok_s"),
+             "steps": speed["steps"], "measured": now_iso(),
              "code_fingerprint": prov["code_fingerprint"], "git_commit": prov["git_commit"],
              "git_dirty": prov["git_dirty"], "cpu_model": prov["cpu_model"], "threads": prov["threads"],
              "apr_env": prov["apr_env"]}
