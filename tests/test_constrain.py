@@ -94,14 +94,15 @@ def test_cli_flags(tiny_qwen, tmp_path, capsys):
     assert rc != 0 and "Invalid type" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
 
 
+NAME = {"type": "string", "maxLength": 40}
 SCHEMAS = [
-    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0,
-                                                                          "maximum": 120}},
+    {"type": "object", "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
      "required": ["name", "age"], "additionalProperties": False},
     {"type": "object", "properties": {"language": {"type": "string", "enum": ["python", "rust", "go"]},
-                                      "reasons": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+                                      "reasons": {"type": "array", "items": {"type": "string", "maxLength": 60},
+                                                  "maxItems": 3}},
      "required": ["language", "reasons"]},
-    {"type": "object", "properties": {"function": {"type": "string"}, "args": {"type": "object", "properties": {
+    {"type": "object", "properties": {"function": NAME, "args": {"type": "object", "properties": {
         "n": {"type": "number", "minimum": 0}}, "required": ["n"]}}, "required": ["function", "args"]},
     {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 5},
 ]
@@ -109,7 +110,9 @@ SCHEMAS = [
 
 @pytest.mark.real
 def test_real_model_answers_validate():
-    """The 0.5B through the chat template: every constrained answer parses and validates."""
+    """The 0.5B through the chat template: every constrained answer parses and validates. Every schema bounds
+    its strings, so a complete answer fits in max_tokens whatever the model says (an unbounded string ran past
+    120 tokens on an AVX2 box, whose prefill rounds differently from AVX512-BF16's: `length`, correctly)."""
     import jsonschema
     from conftest import REAL_05B, real_model
 
