@@ -24,7 +24,8 @@ from apr.contracts.validate import validate_file
 from apr.provenance import isa_class
 
 REPO = Path(__file__).resolve().parents[1]
-CONTRACTS = sorted((REPO / "contracts").glob("*.yaml"))
+# MODEL-1's contracts (the SHIP-* criteria); a student's contract has its own criteria (test_falsify_student.py)
+CONTRACTS = sorted(p for p in (REPO / "contracts").glob("*.yaml") if "id: SHIP-001" in p.read_text())
 IDS = [p.stem for p in CONTRACTS]
 
 
@@ -287,7 +288,7 @@ def _floor(crit) -> float:
 @pytest.mark.parametrize("contract", CONTRACTS, ids=IDS)
 def test_ship007_below_floor(contract, tiny_qwen, capsys, monkeypatch):
     crit = criterion(contract, "SHIP-007")
-    for isa in ("avx2", "avx512"):
+    for isa in ("avx2", "avx512", "amx"):
         assert judge(crit, _bench(crit, tiny_qwen, capsys, monkeypatch, _floor(crit) + 1), isa) == "DISCHARGED"
         assert judge(crit, _bench(crit, tiny_qwen, capsys, monkeypatch, _floor(crit) * 0.9), isa) == "FALSIFIED"
 
@@ -297,7 +298,7 @@ def test_ship007_other_machine_class(contract, tiny_qwen, capsys, monkeypatch):
     crit = criterion(contract, "SHIP-007")
     fast = _bench(crit, tiny_qwen, capsys, monkeypatch, _floor(crit) * 10)
     assert judge(crit, fast, "avx512") == "DISCHARGED"
-    assert judge(crit, fast, "amx") == "FALSIFIED" and judge(crit, fast, "baseline") == "FALSIFIED"
+    assert judge(crit, fast, "amx") == "DISCHARGED" and judge(crit, fast, "baseline") == "FALSIFIED"
 
 
 # ---- SHIP-008: the chat template ----

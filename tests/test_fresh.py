@@ -155,3 +155,28 @@ def test_humaneval_resume_never_mixes_code_versions(tmp_path):
     (tmp_path / "old" / "meta.json").write_text(json.dumps(old))  # a run from before the fingerprint
     with pytest.raises(AprError):
         check_meta(tmp_path / "old", meta)
+
+
+def _gate(path: Path, cid: str) -> None:
+    text = path.read_text()
+    at = text.index(f"id: {cid}")
+    end = text.index("    check:", at)
+    path.write_text(text[:end] + "    gate: true\n" + text[end:])
+
+
+def test_a_gate_not_passed_holds_back_everything_else(done, capsys):
+    path, model, _ = done
+    assert _row(path)[1]["ship_pct"] == 50.0  # SHIP-001 discharged, SHIP-002 untested
+    _gate(path, "SHIP-002")
+    row, entry = _row(path)
+    assert (entry["ship_pct"], entry["gates_shut"], row["counted"]) == (0.0, ["SHIP-002"], False)
+    assert "gate SHIP-002" in row["note"]
+    assert main(["status", str(path)]) == 0
+    assert "gate SHIP-002 not passed" in capsys.readouterr().out
+
+
+def test_a_passed_gate_lets_the_rest_count(done):
+    path, model, _ = done
+    _gate(path, "SHIP-001")
+    row, entry = _row(path)
+    assert (entry["ship_pct"], entry["gates_shut"], row["counted"]) == (50.0, [], True)

@@ -261,9 +261,22 @@ def resolve_model(spec: str | None, quiet: bool = False) -> Path:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
+    built = local_build(spec)
+    if built is not None:
+        return built
     if path.suffix in (".gguf", ".apr") or os.sep in spec:
         raise ModelNotFound(f"model file not found: {spec}")
     raise ModelNotFound(f"unknown model '{spec}': not a registry name ({', '.join(REGISTRY)}) nor a file")
+
+
+def local_build(name: str) -> Path | None:
+    """A model this machine made (`apr export ... -o $APR_HOME/models/NAME/NAME.gguf`, e.g. a trained student):
+    found by its name like a registry model, but never downloaded and never verified against a registry sha256
+    (a contract names the sha256 it is about; pv checks the bytes)."""
+    if not name or os.sep in name or name.startswith("."):
+        return None
+    path = model_dir(name) / f"{name}.gguf"
+    return path if path.is_file() else None
 
 
 def pulled_models() -> list[dict]:

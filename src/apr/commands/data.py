@@ -35,7 +35,8 @@ def main(args):
             manifest = D.build_code_corpus(out, Path(args.source) if args.source else None)
         except OSError as e:
             raise AprError(f"cannot write the corpus to {out}: {e.strerror or e}") from None
-    info = {k: v for k, v in manifest.items() if k != "files"} | {"dir": str(out)}
+    # the fingerprint of the files as they are now (open_corpus checked each against its sha256), not the stored field
+    info = {k: v for k, v in manifest.items() if k != "files"} | {"dir": str(out), "fingerprint": D.fingerprint(manifest["files"])}
     if args.json:
         print(json.dumps(info))
     else:

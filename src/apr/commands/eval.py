@@ -51,6 +51,23 @@ def setup_parser(p):
     _common(ph)
     ray_args(ph)
     perplexity_parser(sub)
+    heldout_parser(sub)
+
+
+def heldout_parser(sub):
+    pq = sub.add_parser("heldout", help="a trained student's loss on its held-out split, paired against its base",
+                        description="Rebuild the held-out split the student's GGUF records (corpus fingerprint, "
+                                    "seed), skip the windows that picked its best step, and score the next windows "
+                                    "with the student and its base: each model's mean loss, and the paired "
+                                    "difference with two standard errors.")
+    pq.add_argument("model", metavar="STUDENT", help="a GGUF written by `apr export --lora`")
+    pq.add_argument("--base", metavar="MODEL", help="the base (default: the registry model whose sha256 it records)")
+    pq.add_argument("--data", metavar="DIR", help="corpus folder (default: apr data code-corpus's)")
+    pq.add_argument("--windows", type=int, default=64, metavar="N", help="test windows (default 64)")
+    pq.add_argument("--offset", type=int, metavar="K",
+                    help="held-out windows to skip first (default: the validation windows training used)")
+    pq.add_argument("--batch", type=int, default=4, metavar="B", help="windows per forward (default 4)")
+    _common(pq)
 
 
 def perplexity_parser(sub):
@@ -107,7 +124,18 @@ def _ray_close(pool, owned: bool) -> None:
 
 
 def main(args):
-    return {"python-syntax": _python_syntax, "humaneval": _humaneval, "perplexity": _perplexity}[args.eval_name](args)
+    return {"python-syntax": _python_syntax, "humaneval": _humaneval, "perplexity": _perplexity,
+            "heldout": _heldout}[args.eval_name](args)
+
+
+def _heldout(args) -> int:
+    from apr.evals import heldout
+
+    t0 = time.monotonic()
+    r = heldout.run(args.model, args.base, args.data, args.windows, args.offset, args.batch, args.dtype, args.backend)
+    r["wall_s"] = round(time.monotonic() - t0, 1)
+    print(json.dumps(r, indent=2) if args.json else heldout.format_text(r))
+    return 0
 
 
 def _load(args):

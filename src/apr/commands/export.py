@@ -69,12 +69,13 @@ def _export(src: Path, dst: Path, args, quiet: bool) -> dict:
     from apr.formats.gguf_write import export_model, load_adapter, open_source
 
     base = open_source(src)
-    lora, scale = {}, 1.0
+    lora, scale, training = {}, 1.0, None
     if args.lora:
         adapter = Path(args.lora).expanduser()
         if adapter.is_dir():
             adapter = adapter / "adapter.safetensors"
-        lora, scale, _ = load_adapter(adapter, base)
+        lora, scale, meta = load_adapter(adapter, base)
+        training = training_record(adapter, meta)
     imatrix = None
     if args.imatrix_text:
         from apr.formats.gguf_write import collect_imatrix
@@ -84,7 +85,24 @@ def _export(src: Path, dst: Path, args, quiet: bool) -> dict:
             raise AprError(f"{text_path}: no such calibration text")
         imatrix = collect_imatrix(src, text_path.read_text(errors="replace"), args.imatrix_tokens, quiet=quiet)
     return export_model(base, dst, args.quant or "q4_k_m", lora, scale, requantize=args.requantize,
-                        imatrix=imatrix, progress=not quiet)
+                        imatrix=imatrix, progress=not quiet, training=training)
+
+
+def training_record(adapter: Path, meta: dict) -> dict:
+    """What the student GGUF records of its training (apr.training): the split, the data shape, the run, and
+    the adapter's own sha256, so `apr eval heldout` can rebuild the held-out split and nothing is taken on trust."""
+    import json
+
+    from apr.hub import sha256_file
+
+    training = meta.get("training") or {}
+    if isinstance(training, str):  # read_adapter parses it; a hand-made header may not
+        try:
+            training = json.loads(training)
+        except ValueError:
+            training = {}
+    return {**training, "base_sha256": meta.get("base_sha256"), "adapter_sha256": sha256_file(adapter),
+            "rank": meta.get("rank"), "alpha": meta.get("alpha"), "targets": meta.get("targets")}
 
 
 def _write_apr(gguf_path: Path, quiet: bool) -> dict:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 
-def add_train_args(p, steps: int = 200, alpha_flag: str = "--alpha") -> None:
+def add_train_args(p, steps: int = 200, alpha_flag: str = "--alpha", required: bool = True) -> None:
     """The options finetune and distill share: data, LoRA, the loop."""
-    p.add_argument("--data", required=True, metavar="PATH",
+    p.add_argument("--data", required=required, metavar="PATH",
                    help="corpus folder (from `apr data code-corpus`, or any folder of text files; split by file)")
-    p.add_argument("-o", "--out", required=True, metavar="OUT",
+    p.add_argument("-o", "--out", required=required, metavar="OUT",
                    help="output folder: adapter.safetensors, log.jsonl, loss.png, checkpoint.pt, summary.json")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument(alpha_flag, dest="lora_alpha", type=float, default=16.0, help="LoRA alpha; scale alpha/r (default 16)")
@@ -40,7 +40,11 @@ def add_train_args(p, steps: int = 200, alpha_flag: str = "--alpha") -> None:
 def setup_parser(p):
     p.add_argument("model", metavar="BASE", nargs="?", default=None,
                    help="base model: registry name or .gguf path (default qwen2.5-coder-0.5b-instruct)")
-    add_train_args(p)
+    add_train_args(p, required=False)
+    p.add_argument("--reproduce", metavar="RUN", default=None,
+                   help="train a finished run's first --steps steps (default 20) again from its recorded configuration "
+                        "and seed and compare the losses with its log, bit for bit (--data: its corpus, if elsewhere)")
+    p.add_argument("--reproduce-steps", type=int, default=20, metavar="N", help="steps --reproduce compares (default 20)")
 
 
 def specs(args):
@@ -68,12 +72,29 @@ def report(summary: dict, as_json: bool) -> None:
 def main(args):
     from pathlib import Path
 
+    from apr.errors import AprError
     from apr.train import session
 
+    if args.reproduce:
+        return _reproduce(args)
+    if not args.data or not args.out:
+        raise AprError("apr finetune needs --data PATH and -o OUT (or --reproduce RUN)")
     lspec, dspec, tspec = specs(args)
     p = session.prepare(args.model, lspec, dspec, tspec, quiet=args.json)
     gc = not args.no_grad_checkpoint
     summary = session.run(p, lspec, tspec, Path(args.out), session.lm_loss(p, gc), "finetune", resume=args.resume,
-                          grad_checkpoint=gc, quiet=args.json, extra={"weights": lspec.mode})
+                          grad_checkpoint=gc, quiet=args.json, extra={"weights": lspec.mode, "grad_checkpoint": gc})
     report(summary, args.json)
     return 0
+
+
+def _reproduce(args) -> int:
+    from apr.train.reproduce import reproduce
+
+    r = reproduce(args.reproduce, args.reproduce_steps, args.data, args.model)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['steps_compared']} steps of {r['run']}: " + ("identical, bit for bit" if r["identical"] else
+              f"differ from step {r['first_mismatch_step']} (max |diff| {r['max_abs_diff']:.3g})"))
+    return 0 if r["identical"] else 1

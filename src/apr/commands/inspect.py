@@ -50,6 +50,13 @@ def describe(path: Path, verify: bool = True, verify_sha: bool = False) -> dict[
     info["parameter_count"] = sum(math.prod(t.shape) for t in tensors.values())
     info["tensor_count"] = len(tensors)
     info["metadata"] = {k: _short(v) for k, v in meta.items()}
+    if "apr.training" in meta:  # a student exported by `apr export --lora`: what it was trained on, as JSON
+        import json
+
+        try:
+            info["training"] = json.loads(meta["apr.training"])
+        except ValueError:
+            info["training"] = None
     info["tensors"] = [_row(t) for t in tensors.values()]
     return info
 

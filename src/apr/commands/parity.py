@@ -18,7 +18,8 @@ BACKENDS = ["auto", "cuda", "cpu"]
 def setup_parser(p):
     add_model_args(p, dtype=False, backend=False)
     p.add_argument("b", nargs="?", default=None, metavar="B",
-                   help="the model to compare against (the reference); 'hf' for HF transformers (default: A)")
+                   help="the model to compare against (the reference); 'hf' for HF transformers; 'llama.cpp' for "
+                        "llama-cpp-python on A's GGUF: identical tokenization and top-1 agreement (default: A)")
     add_prompt_args(p, "compare on this prompt (default: ~2k tokens of Python stdlib source)")
     p.add_argument("--text-file", default=None, help="compare on this file's text, as is (no chat template)")
     p.add_argument("--max-tokens", type=int, default=2048, help="use at most this many tokens (default 2048)")
@@ -41,6 +42,9 @@ def setup_parser(p):
     p.add_argument("--max-kl", type=float, default=None, help="also fail when the mean KL(B||A) exceeds this")
     p.add_argument("--min-top1", type=float, default=None, help="also fail when top-1 agreement is below this")
     p.add_argument("--verbose", "-v", action="store_true", help="print every point of every layer")
+    p.add_argument("--peer-python", default=None, metavar="PATH",
+                   help="with B = llama.cpp: the python of llama-cpp-python's venv (default $APR_LLAMACPP_PYTHON, "
+                        "else shared/peer/build-llamacpp.sh's /tmp/venv-llamacpp-*)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -49,6 +53,8 @@ def main(args):
 
     points = parse_points(args.points)  # user errors before the (slow) loads
     tol = Tolerance(args.min_cosine, tuple(args.std_band), args.max_kl, args.min_top1)
+    if args.b == "llama.cpp":
+        return _llamacpp(args)
     lm_a, b = load_pair(args)
     ids, source = token_ids(lm_a, args)
     if args.chunk is not None and args.chunk < 1:
@@ -59,6 +65,25 @@ def main(args):
     else:
         print(format_report(report, source, args.verbose))
     return 0 if report.passed else OUT_OF_TOLERANCE
+
+
+def _llamacpp(args) -> int:
+    from apr.parity import code_text
+    from apr.peer_llamacpp import cross_engine
+    from apr.provenance import threads
+    from apr.runtime import load_model
+
+    text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else code_text()
+    lm = load_model(args.model, dtype=args.dtype, backend=args.a_backend, quiet=args.json)
+    r = cross_engine(lm, text, min(args.max_tokens, lm.config.context_length), args.peer_python, threads())
+    r["passed"] = r["tokenization_identical"] and r["top1_agreement"] >= (args.min_top1 or 0.98)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['tokens']} tokens: tokenization {'identical' if r['tokenization_identical'] else 'DIFFERS at ' + str(r['first_token_mismatch'])}"
+              f", top-1 agreement with llama.cpp {r['top1_agreement']:.2%} ({r['peer']['version']}): "
+              + ("PASS" if r["passed"] else "FAIL"))
+    return 0 if r["passed"] else OUT_OF_TOLERANCE
 
 
 def load_pair(args):

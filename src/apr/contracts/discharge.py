@@ -146,7 +146,7 @@ def verification_chain(crit: Criterion, expected: str, actual: str, run: Run, do
             continue
         holds, value = clause.evaluate(doc)
         observed[clause.path] = value
-        steps.append(_step(f"verdict[{i}]", holds, f"{clause.describe()} (observed {json.dumps(value)})",
+        steps.append(_step(f"verdict[{i}]", holds, clause.detail(value),
                            path=clause.path, op=clause.op, value=clause.value, observed=value))
     return steps, observed
 

@@ -67,7 +67,7 @@ def _step_agrees(i: int, step: dict, clause, value: Any) -> list[str]:
     """A verdict step repeats its clause and the observed value (fields and the detail line people read):
     each copy must be what the clause and the raw output give, or a hand edit of one copy would go unseen."""
     want = {"path": clause.path, "op": clause.op, "value": clause.value, "observed": value,
-            "detail": f"{clause.describe()} (observed {json.dumps(value)})"}
+            "detail": clause.detail(value)}
     return [f"verdict[{i}].{k} is recorded {json.dumps(_plain(step[k]))} but the clause and raw output give "
             f"{json.dumps(_plain(v))}" for k, v in want.items() if k in step and _plain(step[k]) != _plain(v)]
 

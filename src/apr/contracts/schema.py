@@ -154,6 +154,10 @@ class Clause(Strict):
         where = f" [on {self.isa_class}]" if self.isa_class else ""
         return f"{self.path} {self.op} {json.dumps(self.value)}{where}"
 
+    def detail(self, observed: Any) -> str:
+        """The line a verdict step records (pv discharge writes it, pv validate checks it against the raw output)."""
+        return f"{self.describe()} (observed {json.dumps(observed)})"
+
 
 class Check(Strict):
     command: str
@@ -216,9 +220,18 @@ class Criterion(Strict):
     check: Check
     if_fails: str | None = None
     ship_blocking: bool = True
+    # a gate comes before everything else: until it is DISCHARGED on fresh evidence, no other criterion of the
+    # model counts towards its ship % (a student whose validation loss is not below its base's ships nothing)
+    gate: bool = False
     discharge_status: Status = "UNTESTED"
     evidence_discharged_by: list[str] = []
     live_discharge: LiveDischarge | None = None
+
+    @model_validator(mode="after")
+    def _gate_blocks(self) -> "Criterion":
+        if self.gate and not self.ship_blocking:
+            raise _err("gate", f"{self.id}: a gate must be ship_blocking")
+        return self
 
     @field_validator("id")
     @classmethod

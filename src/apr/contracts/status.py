@@ -26,7 +26,7 @@ def _criterion_row(path: Path, crit: Criterion, sha: str) -> dict:
     prov = doc.get("provenance") or {}
     folder = evidence[-1].parent if evidence and evidence[-1].suffix else (evidence[-1] if evidence else None)
     return {
-        "id": crit.id, "contract": str(path), "rule": crit.rule, "ship_blocking": crit.ship_blocking,
+        "id": crit.id, "contract": str(path), "rule": crit.rule, "ship_blocking": crit.ship_blocking, "gate": crit.gate,
         "status": f.status, "fresh": f.fresh, "contract_status": crit.discharge_status,
         "counted": f.status == "DISCHARGED", "note": f.reason, "if_fails": crit.if_fails or "",
         "evidence": [str(e.parent if e.suffix else e) for e in evidence],  # link the folder, not the JSON
@@ -49,6 +49,12 @@ def _add_contract(models: dict, path: Path, contract: Contract) -> None:
 
 def _finish(entry: dict) -> dict:
     blocking = [c for c in entry["criteria"] if c["ship_blocking"]]
+    shut = [c["id"] for c in blocking if c.get("gate") and not c["counted"]]
+    if shut:  # a gate not passed on fresh evidence: nothing else counts
+        for c in blocking:
+            if c["counted"] and not c.get("gate"):
+                c["counted"], c["note"] = False, f"held back: gate {', '.join(shut)} is not discharged on fresh evidence"
+    entry["gates_shut"] = shut
     done = [c for c in blocking if c["counted"]]
     entry["ship_blocking"], entry["discharged"] = len(blocking), len(done)
     entry["stale"] = sum(c["status"] == "STALE" for c in entry["criteria"])
@@ -73,8 +79,9 @@ def summarize(paths: list[Path]) -> dict:
 def pct_text(entry: dict) -> str:
     if entry["ship_pct"] is None:
         return "n/a (no ship-blocking criteria)"
+    gates = f"; gate {', '.join(entry['gates_shut'])} not passed, so nothing else counts" if entry.get("gates_shut") else ""
     return (f"{entry['ship_pct']:g}% ({entry['discharged']}/{entry['ship_blocking']} ship-blocking discharged on "
-            f"this code and artifact; {entry['stale']} stale)")
+            f"this code and artifact; {entry['stale']} stale{gates})")
 
 
 def render_text(summary: dict) -> str:

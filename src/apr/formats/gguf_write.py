@@ -19,6 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as T, GGUFValueType, GGUFWriter
 
 from apr.errors import AprError
+from apr.evals.heldout import TRAINING_KEY
 from apr.formats.apr_export import add_kv
 from apr.formats.apr_header import byte_shape
 from apr.quant import dequantize
@@ -118,7 +119,8 @@ def merged_weight(t, lora: tuple[torch.Tensor, torch.Tensor] | None, scale: floa
 # ---- writing ----
 
 def export_model(src: Source, dst: Path, mix: str, lora: dict | None = None, scale: float = 1.0,
-                 requantize: bool = False, imatrix: dict | None = None, progress: bool = True) -> dict:
+                 requantize: bool = False, imatrix: dict | None = None, progress: bool = True,
+                 training: dict | None = None) -> dict:
     """Write `dst` (GGUF); returns a summary. Tensors whose type does not change and that no adapter touches
     are copied byte for byte unless `requantize` (a dequantize/quantize round trip only loses precision)."""
     lora, imatrix = lora or {}, imatrix or {}
@@ -129,7 +131,7 @@ def export_model(src: Source, dst: Path, mix: str, lora: dict | None = None, sca
     os.close(fd)
     counts: dict[str, int] = {}
     try:
-        _write(src, Path(tmp), mix, plan, sizes, lora, scale, requantize, imatrix, progress, counts)
+        _write(src, Path(tmp), mix, plan, sizes, lora, scale, requantize, imatrix, progress, counts, training)
         from apr.formats.apr_write import publish
 
         publish(tmp, dst)
@@ -155,11 +157,15 @@ def _check_space(dst: Path, need: int) -> None:
 
 
 def _write(src: Source, tmp: Path, mix: str, plan: dict, sizes: dict, lora: dict, scale: float, requantize: bool,
-           imatrix: dict, progress: bool, counts: dict) -> None:
+           imatrix: dict, progress: bool, counts: dict, training: dict | None) -> None:
+    import json
+
     from tqdm import tqdm
 
     w = GGUFWriter(tmp, str(src.metadata["general.architecture"]))
     _add_kv(w, src, FILE_TYPES[mix])
+    if training is not None:  # a merged student says what it was trained on (apr eval heldout reads it)
+        w.add_key_value(TRAINING_KEY, json.dumps(training, sort_keys=True), GGUFValueType.STRING)
     for name, q in plan.items():
         w.add_tensor_info(name, byte_shape(q, src.tensors[name].shape), np.dtype(np.uint8), sizes[name], raw_dtype=T(q))
     w.write_header_to_file(tmp)

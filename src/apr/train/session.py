@@ -84,7 +84,9 @@ def run(p: Prepared, lspec: LoraSpec, tspec: TrainSpec, out: Path, loss: Callabl
     """Train p's adapters with `loss(indices) -> (loss, tokens)`; writes the adapter, log, plot and summary."""
     out.mkdir(parents=True, exist_ok=True)
     model = p.base.model
-    training = {"kind": kind, "spec": asdict(tspec), "split": p.split, **(extra or {})}
+    # the windows' shape goes with the split so a held-out evaluation can rebuild exactly this split's windows
+    data = {"seq_len": int(p.train.ids.shape[1] - 1), "val_windows": len(p.val.ids)}
+    training = {"kind": kind, "spec": asdict(tspec), "split": p.split, "data": data, **(extra or {})}
 
     def save_best(step: int, v: float) -> None:
         meta = dict(rank=lspec.rank, alpha=lspec.alpha, dropout=lspec.dropout, targets=list(lspec.targets),
