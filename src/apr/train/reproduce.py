@@ -51,7 +51,12 @@ def reproduce(run: str, n: int, data: str | None, model: str | None) -> dict:
     dspec = DataSpec(data or str(D.default_corpus_dir()), int(shape["seq_len"]), float(split["val_fraction"]),
                      int(shape["val_windows"]))
     gc = bool(training.get("grad_checkpoint", True))
-    p = session.prepare(model or summary["base"], lspec, dspec, spec, quiet=True)
+    if model is None:  # the registry model the run names by sha256, else the path it ran on
+        from apr.hub import registry_entry_for_sha256
+
+        entry = registry_entry_for_sha256(meta["base_sha256"])
+        model = entry.name if entry else summary["base"]
+    p = session.prepare(model, lspec, dspec, spec, quiet=True)
     if p.base.sha256 != meta["base_sha256"]:
         raise AprError(f"{p.base.path} is not the base the run trained (sha256 {meta['base_sha256'][:12]}…)")
     if p.corpus.fingerprint != split["corpus_fingerprint"]:
