@@ -174,8 +174,12 @@ def test_chunked_prefill_interleaves_with_decode(tiny_qwen, monkeypatch):
     assert chunked.fed == 8 and not chunked.tokens and len(runner.tokens) == before + 2  # it kept decoding
     chunked.result()
     assert chunked.tokens == whole.tokens
-    assert [p and (round(p[0], 4), p[1][0][0]) for p in chunked.prompt_logprobs] == \
-        [p and (round(p[0], 4), p[1][0][0]) for p in whole.prompt_logprobs]
+    # float32 sums over 4-row chunks and over the whole prompt run in another order: equal to ~1e-6 relative
+    # (rounding both to 4 places split -119.02885 on an AMX box), the same top-1 id at every position
+    assert [p is None for p in chunked.prompt_logprobs] == [p is None for p in whole.prompt_logprobs]
+    for c, w in zip(chunked.prompt_logprobs, whole.prompt_logprobs):
+        if c is not None:
+            assert c[0] == pytest.approx(w[0], rel=1e-5, abs=1e-4) and c[1][0][0] == w[1][0][0]
 
 
 def test_reprepared_weights_invalidate_the_prefix_cache(tiny_qwen):
