@@ -101,9 +101,10 @@ SCHEMAS = [
     {"type": "object", "properties": {"language": {"type": "string", "enum": ["python", "rust", "go"]},
                                       "reasons": {"type": "array", "items": {"type": "string", "maxLength": 60},
                                                   "maxItems": 3}},
-     "required": ["language", "reasons"]},
+     "required": ["language", "reasons"], "additionalProperties": False},
     {"type": "object", "properties": {"function": NAME, "args": {"type": "object", "properties": {
-        "n": {"type": "number", "minimum": 0}}, "required": ["n"]}}, "required": ["function", "args"]},
+        "n": {"type": "number", "minimum": 0}}, "required": ["n"], "additionalProperties": False}},
+     "required": ["function", "args"], "additionalProperties": False},
     {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 5},
 ]
 
@@ -113,8 +114,9 @@ def test_real_model_answers_validate():
     """The 0.5B through the chat template: every constrained answer parses and validates. Every schema bounds
     its strings, so a complete answer fits in max_tokens whatever the model says (an unbounded string ran past
     120 tokens on an AVX2 box, whose prefill rounds differently from AVX512-BF16's: `length`, correctly). The
-    bound: at most one token per character of the three 60-character reasons plus the structure around them
-    (an AMX box's answer to the second schema was still in its third reason at 120 tokens)."""
+    bound: at most one token per character of the three 60-character reasons plus the structure around them.
+    No schema admits extra keys: an extra key is an unbounded string (on an AMX box the answer to the second
+    schema closed its array and went on into a key of its own until `length`)."""
     import jsonschema
     from conftest import REAL_05B, real_model
 

@@ -174,12 +174,13 @@ def test_chunked_prefill_interleaves_with_decode(tiny_qwen, monkeypatch):
     assert chunked.fed == 8 and not chunked.tokens and len(runner.tokens) == before + 2  # it kept decoding
     chunked.result()
     assert chunked.tokens == whole.tokens
-    # float32 sums over 4-row chunks and over the whole prompt run in another order: equal to ~1e-6 relative
-    # (rounding both to 4 places split -119.02885 on an AMX box), the same top-1 id at every position
+    # float32 sums over 4-row chunks and over the whole prompt run in another order; the tiny random model's
+    # logits are in the hundreds, so that is ~1e-4 relative at worst (8e-5 seen on an AMX box: -105.6437 vs
+    # -105.6350); a chunk attending to the wrong positions moves them by whole units. Same top-1 everywhere.
     assert [p is None for p in chunked.prompt_logprobs] == [p is None for p in whole.prompt_logprobs]
     for c, w in zip(chunked.prompt_logprobs, whole.prompt_logprobs):
         if c is not None:
-            assert c[0] == pytest.approx(w[0], rel=1e-5, abs=1e-4) and c[1][0][0] == w[1][0][0]
+            assert c[0] == pytest.approx(w[0], rel=2e-4, abs=1e-3) and c[1][0][0] == w[1][0][0]
 
 
 def test_reprepared_weights_invalidate_the_prefix_cache(tiny_qwen):
