@@ -55,6 +55,21 @@ def test_export_records_the_training(run):
     assert rec["base_sha256"] == p.base.sha256 and rec["adapter_sha256"] == hub.sha256_file(out / "adapter.safetensors")
 
 
+
+def test_re_exporting_a_student_writes_one_training_record(run, tmp_path):
+    """A student exported again (here as its own base) gets the new record in place of its old one, not both."""
+    from apr.formats.gguf_write import export_model, open_source
+
+    _, _, student, _ = run
+    again = tmp_path / "again.gguf"
+    export_model(open_source(student), again, "f32", progress=False, training={"kind": "re-export", "marker": 1})
+    meta = read_gguf(again).metadata
+    assert json.loads(meta[heldout.TRAINING_KEY]) == {"kind": "re-export", "marker": 1}
+    from apr.commands.inspect import describe
+
+    assert describe(again)["training"] is None  # inspect shows a record without a split as unreadable, never raises
+    assert describe(student)["training"]["split"]["seed"] == 3
+
 def test_heldout_rebuilds_the_split_and_pairs_the_windows(run, tiny_qwen, capsys):
     corpus, out, student, p = run
     assert main(["eval", "heldout", str(student), "--base", str(tiny_qwen), "--data", str(corpus),

@@ -56,15 +56,9 @@ def _peer_run(python: str, path: Path, text: str, ids: list[int], threads: int) 
 
 
 def apr_top1(lm, ids: list[int]) -> list[int]:
-    import torch
+    from apr.evals.perplexity import forward_sequences
 
-    from apr.model.transformer import Segment
-
-    lm.model.setup_cache(len(ids), slots=1)
-    lm.model.direct_steps = getattr(lm.model, "direct_steps", 0) + 1  # the slot is overwritten here
-    with torch.inference_mode():
-        logits = lm.model.step(torch.tensor(ids), [Segment(0, 0, len(ids))], all_logits=True)  # (T, V)
-    return logits.float().argmax(-1).tolist()
+    return forward_sequences(lm.model, ids, 1, len(ids)).argmax(-1).tolist()  # (T, V) -> (T,)
 
 
 def cross_engine(lm, text: str, max_tokens: int, peer_python: str | None, threads: int) -> dict:

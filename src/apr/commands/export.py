@@ -91,16 +91,9 @@ def _export(src: Path, dst: Path, args, quiet: bool) -> dict:
 def training_record(adapter: Path, meta: dict) -> dict:
     """What the student GGUF records of its training (apr.training): the split, the data shape, the run, and
     the adapter's own sha256, so `apr eval heldout` can rebuild the held-out split and nothing is taken on trust."""
-    import json
-
     from apr.hub import sha256_file
 
-    training = meta.get("training") or {}
-    if isinstance(training, str):  # read_adapter parses it; a hand-made header may not
-        try:
-            training = json.loads(training)
-        except ValueError:
-            training = {}
+    training = meta.get("training") or {}  # read_adapter has parsed it
     return {**training, "base_sha256": meta.get("base_sha256"), "adapter_sha256": sha256_file(adapter),
             "rank": meta.get("rank"), "alpha": meta.get("alpha"), "targets": meta.get("targets")}
 

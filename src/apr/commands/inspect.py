@@ -24,7 +24,7 @@ def describe(path: Path, verify: bool = True, verify_sha: bool = False) -> dict[
     """Everything inspect shows, as plain JSON-able values."""
     from apr import hub
     from apr.errors import AprError
-    from apr.formats.gguf import GGUFFile, config_from_gguf
+    from apr.formats.gguf import TRAINING_KEY, GGUFFile, config_from_gguf, training_record
 
     info: dict[str, Any] = {"path": str(path), "size": path.stat().st_size}
     if path.suffix == ".apr":
@@ -50,13 +50,8 @@ def describe(path: Path, verify: bool = True, verify_sha: bool = False) -> dict[
     info["parameter_count"] = sum(math.prod(t.shape) for t in tensors.values())
     info["tensor_count"] = len(tensors)
     info["metadata"] = {k: _short(v) for k, v in meta.items()}
-    if "apr.training" in meta:  # a student exported by `apr export --lora`: what it was trained on, as JSON
-        import json
-
-        try:
-            info["training"] = json.loads(meta["apr.training"])
-        except ValueError:
-            info["training"] = None
+    if TRAINING_KEY in meta:  # a student exported by `apr export --lora`: what it was trained on
+        info["training"] = training_record(meta, path, strict=False)
     info["tensors"] = [_row(t) for t in tensors.values()]
     return info
 

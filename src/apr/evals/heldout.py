@@ -22,21 +22,7 @@ import sys
 import numpy as np
 
 from apr.errors import AprError
-
-TRAINING_KEY = "apr.training"  # GGUF metadata written by apr export --lora (JSON)
-
-
-def training_record(metadata: dict, path) -> dict:
-    raw = metadata.get(TRAINING_KEY)
-    if not raw:
-        raise AprError(f"{path}: no {TRAINING_KEY} metadata; this is not a student exported by `apr export --lora`")
-    try:
-        rec = json.loads(raw)
-        rec["split"]["seed"], rec["split"]["val_files"], rec["data"]["seq_len"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise AprError(f"{path}: {TRAINING_KEY} metadata is malformed ({e})") from None
-    return rec
-
+from apr.formats.gguf import TRAINING_KEY, training_record  # noqa: F401 (callers import them from here)
 
 def files_sha(paths: list[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()
@@ -71,19 +57,15 @@ def window_losses(lm, windows, batch: int = 4, label: str = "") -> np.ndarray:
     import torch
     from tqdm import tqdm
 
-    from apr.model.transformer import Segment
+    from apr.evals.perplexity import forward_sequences
 
-    model, t = lm.model, windows.shape[1] - 1
+    t = windows.shape[1] - 1
     out = []
     for at in tqdm(range(0, len(windows), batch), desc=f"heldout {label}", unit="batch", file=sys.stderr,
                    disable=not sys.stderr.isatty()):
         w = windows[at : at + batch]  # (B, T+1)
-        model.setup_cache(t, slots=len(w))
-        model.direct_steps = getattr(model, "direct_steps", 0) + 1  # slots overwritten: no prefix-cache reuse
-        segs = [Segment(slot, 0, t) for slot in range(len(w))]
-        with torch.inference_mode():
-            logits = model.step(w[:, :-1].reshape(-1), segs, all_logits=True).float()  # (B*T, V)
-            nll = torch.nn.functional.cross_entropy(logits, w[:, 1:].reshape(-1), reduction="none")
+        logits = forward_sequences(lm.model, w[:, :-1].reshape(-1), len(w), t)  # (B*T, V)
+        nll = torch.nn.functional.cross_entropy(logits, w[:, 1:].reshape(-1), reduction="none")
         out.append(nll.view(len(w), t).mean(1).numpy())  # (B,)
     return np.concatenate(out).astype(np.float64)
 

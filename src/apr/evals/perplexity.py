@@ -76,35 +76,48 @@ def windows(ids: list[int], ctx: int, bos_id: int | None = None) -> list[Window]
     return out
 
 
+def forward_sequences(model, ids, n_seqs: int, length: int, pick=None):
+    """Teacher-forced logits of `n_seqs` sequences of `length` tokens (ids flat, (n_seqs*length,)), each in its
+    own KV slot from position 0, in ONE step of the engine's model. `pick` (row indices into the flat
+    sequence): only those rows go through the output layer. Returns (rows, vocab) float32, rows = len(pick) or
+    n_seqs*length. The one place perplexity, held-out loss and the llama.cpp parity check score text."""
+    import torch
+
+    from apr.model.transformer import Segment
+
+    model.setup_cache(length, slots=n_seqs)
+    # the slots are overwritten here: the engine's prefix cache must not reuse them (as after a direct forward)
+    model.direct_steps = getattr(model, "direct_steps", 0) + 1
+    segs = [Segment(slot, 0, length) for slot in range(n_seqs)]
+    hook = None
+    if pick is not None:  # a pre-hook on the final norm picks the rows: it skips that share of the vocab GEMM
+        hook = model.output_norm.register_forward_pre_hook(lambda _m, a: (a[0].index_select(0, pick.to(a[0].device)),))
+    try:
+        with torch.inference_mode():
+            logits = model.step(torch.as_tensor(ids, dtype=torch.long), segs, all_logits=True).float()
+    finally:
+        if hook is not None:
+            hook.remove()
+    if pick is not None and logits.shape[0] != len(pick):  # a step that bypassed the norm module: all rows came back
+        logits = logits.index_select(0, pick.to(logits.device))
+    return logits
+
+
 def score_windows(lm, wins: list[Window], top_k: int = TOP_K, base_ids: list[np.ndarray] | None = None) -> list[WindowScore]:
     """Run `wins` (all of the same length) through ONE forward of the loaded model, each window in its own KV
     slot from position 0, and score the second half of each. `base_ids[i]` (n, k): also return this model's
     log-probs at those ids (for KL against a base)."""
     import torch
 
-    from apr.model.transformer import Segment
-
-    model, ctx = lm.model, len(wins[0].ids)
+    ctx = len(wins[0].ids)
     first, n = first_scored(ctx), n_scored(ctx)
-    model.setup_cache(ctx, slots=len(wins))
-    # the slots are overwritten here: the engine's prefix cache must not reuse them (as after a direct forward)
-    model.direct_steps = getattr(model, "direct_steps", 0) + 1
     ids = torch.tensor([t for w in wins for t in w.ids], dtype=torch.long)  # (B*ctx,)
-    segs = [Segment(slot, 0, ctx) for slot in range(len(wins))]
-    # only the scored rows go through the output layer (llama-perplexity asks for logits at pos >= ctx/2 the
-    # same way): a pre-hook on the final norm picks them, which skips ~half the vocab GEMM and its memory
+    # only the scored rows go through the output layer (llama-perplexity asks for logits at pos >= ctx/2 the same way)
     pick = torch.cat([torch.arange(b * ctx + first, b * ctx + first + n) for b in range(len(wins))])
-    hook = model.output_norm.register_forward_pre_hook(lambda _m, a: (a[0].index_select(0, pick.to(a[0].device)),))
-    try:
-        logits = model.step(ids, segs, all_logits=True)  # (B*n, vocab) float32
-    finally:
-        hook.remove()
-    if logits.shape[0] != len(wins) * n:  # a step that bypassed the norm module: all rows came back
-        logits = logits.view(len(wins), ctx, -1)[:, first:first + n]
-    logits = logits.reshape(len(wins), n, -1)  # (B, n, vocab)
+    logits = forward_sequences(lm.model, ids, len(wins), ctx, pick).reshape(len(wins), n, -1)  # (B, n, vocab)
     out = []
     for b, w in enumerate(wins):
-        rows = logits[b].float()  # (n, vocab): row j predicts targets[j]
+        rows = logits[b]  # (n, vocab): row j predicts targets[j]
         out.append(_score_rows(w.index, rows, torch.tensor(w.targets, dtype=torch.long), top_k,
                                None if base_ids is None else base_ids[b]))
     del logits

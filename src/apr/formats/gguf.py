@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from apr.errors import BadModelFile
+from apr.errors import AprError, BadModelFile
 from apr.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 GGUF_MAGIC = b"GGUF"
@@ -189,6 +189,29 @@ def _tensors(data: np.ndarray, infos: list, start: int, path: Path) -> dict[str,
         shape = tuple(int(d) for d in reversed(ne))  # torch order: rows first
         tensors[name] = RawTensor(name, int(qtype), shape, data[begin : begin + n_bytes])
     return tensors
+
+
+TRAINING_KEY = "apr.training"  # what a student exported by `apr export --lora` was trained on (JSON)
+
+
+def training_record(metadata: dict, path, strict: bool = True) -> dict | None:
+    """The parsed apr.training record; a missing or malformed one raises (strict) or gives None."""
+    import json
+
+    raw = metadata.get(TRAINING_KEY)
+    try:
+        if not raw:
+            raise AprError(f"{path}: no {TRAINING_KEY} metadata; this is not a student exported by `apr export --lora`")
+        try:
+            rec = json.loads(raw)
+            rec["split"]["seed"], rec["split"]["val_files"], rec["data"]["seq_len"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise AprError(f"{path}: {TRAINING_KEY} metadata is malformed ({e})") from None
+    except AprError:
+        if strict:
+            raise
+        return None
+    return rec
 
 
 def _get(meta: dict, key: str, default: Any = ..., kind=None):

@@ -19,7 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as T, GGUFValueType, GGUFWriter
 
 from apr.errors import AprError
-from apr.evals.heldout import TRAINING_KEY
+from apr.formats.gguf import TRAINING_KEY
 from apr.formats.apr_export import add_kv
 from apr.formats.apr_header import byte_shape
 from apr.quant import dequantize
@@ -163,7 +163,7 @@ def _write(src: Source, tmp: Path, mix: str, plan: dict, sizes: dict, lora: dict
     from tqdm import tqdm
 
     w = GGUFWriter(tmp, str(src.metadata["general.architecture"]))
-    _add_kv(w, src, FILE_TYPES[mix])
+    _add_kv(w, src, FILE_TYPES[mix], drop={TRAINING_KEY} if training is not None else set())
     if training is not None:  # a merged student says what it was trained on (apr eval heldout reads it)
         w.add_key_value(TRAINING_KEY, json.dumps(training, sort_keys=True), GGUFValueType.STRING)
     for name, q in plan.items():
@@ -188,10 +188,11 @@ def _write(src: Source, tmp: Path, mix: str, plan: dict, sizes: dict, lora: dict
     w.close()
 
 
-def _add_kv(w: GGUFWriter, src: Source, mix_type: int) -> None:
+def _add_kv(w: GGUFWriter, src: Source, mix_type: int, drop: set[str]) -> None:
+    """The source's metadata, but `drop` (keys the writer sets anew: a re-exported student's old apr.training)."""
     def items():
         for key, value in src.metadata.items():
-            if key in src.kv_types:
+            if key in src.kv_types and key not in drop:
                 # the source's general.file_type is wrong after re-quantization
                 yield key, (mix_type if key == "general.file_type" else value), *src.kv_types[key]
 
