@@ -186,3 +186,31 @@ def test_a_pre_tokenizer_name_that_is_not_a_string_is_refused(tiny_meta):
 
     with pytest.raises(BadModelFile, match="unknown tokenizer pre-tokenizer"):
         Tokenizer.from_metadata(dict(tiny_meta, **{"tokenizer.ggml.pre": ["qwen2"]}))
+
+
+def test_the_header_cache_is_keyed_by_the_file_and_survives_a_bad_entry(tiny_qwen, tmp_path, monkeypatch):
+    """A cached header equals a parse; a rewritten file is parsed again; an unreadable entry is parsed over."""
+    import os
+    import shutil
+
+    from apr.formats import gguf as G
+
+    monkeypatch.setenv("APR_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(G, "_CACHE_MIN_BYTES", 0)
+    f = tmp_path / "m.gguf"
+    shutil.copy(tiny_qwen, f)
+    parsed = read_gguf(f)
+    entries = list((tmp_path / "home" / "cache" / "gguf-header").iterdir())
+    assert len(entries) == 1
+    cached = read_gguf(f)
+    assert cached.metadata == parsed.metadata
+    assert {k: (t.qtype, t.shape, t.data.tobytes()) for k, t in cached.tensors.items()} == \
+        {k: (t.qtype, t.shape, t.data.tobytes()) for k, t in parsed.tensors.items()}
+    entries[0].write_bytes(b"\x00garbage")  # a broken entry is a miss, never an error or a wrong header
+    assert read_gguf(f).metadata == parsed.metadata
+    data = bytearray(f.read_bytes())  # the same size, another name in the header: a new key
+    at = data.index(b"general.architecture")
+    data[at:at + 7] = b"GENERAL"
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(1, 1))
+    assert "GENERAL.architecture" in read_gguf(f).metadata

@@ -267,3 +267,33 @@ def test_full_disk_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(GGUFWriter, "write_tensor_data", full)
     _one_line_error(["export", str(tiny), "-o", str(tmp_path / "b.gguf")], capsys, "no space left")
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_export_math_uses_no_machine_dependent_reduction(monkeypatch):
+    """`apr export` must write the same bytes on every CPU. Library reductions (sum, mean, bmm, matmul) order
+    their adds by the CPU's vector width and BLAS kernel, so the quantizer and the LoRA merge may use only
+    elementwise ops and order-free reductions (max, argmax): here every such call raises, and the bytes must
+    come out as they did before."""
+    from apr.formats.gguf_write import lora_delta
+
+    x = gaussian(seed=7)
+    cw = torch.rand(x.shape[1], generator=torch.Generator().manual_seed(8)) + 0.1
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(8, 64, generator=g), torch.randn(48, 8, generator=g)
+    want = {(q, wt is None): quantize(x, q, wt) for q in TYPES for wt in (None, cw)}
+
+    def banned(*args, **kwargs):
+        raise AssertionError("a reduction whose order depends on the machine")
+
+    for name in ("sum", "mean", "bmm", "matmul", "mm", "einsum", "nansum", "dot", "addmm", "baddbmm"):
+        monkeypatch.setattr(torch, name, banned)
+    for name in ("sum", "mean", "matmul", "__matmul__", "mm", "bmm", "dot", "nansum"):
+        monkeypatch.setattr(torch.Tensor, name, banned)
+    for (q, no_w), out in want.items():
+        assert np.array_equal(quantize(x, q, None if no_w else cw), out), Q(q).name
+    delta = lora_delta(a, b).numpy()
+    monkeypatch.undo()
+    ref = np.zeros((48, 64))  # rank by rank, in float64, as the docstring says
+    for r in range(8):
+        ref += b[:, r].double().numpy()[:, None] * a[r].double().numpy()[None, :]
+    assert np.array_equal(delta, ref)

@@ -109,11 +109,22 @@ def merged_weight(t, lora: tuple[torch.Tensor, torch.Tensor] | None, scale: floa
     """W (out, in) float32, plus scale * B @ A when adapted."""
     w = dequantize(t.data, t.qtype, t.shape)
     if lora is not None:
-        a, b = lora
-        w = w.add_(b @ a, alpha=scale)  # (out, r) @ (r, in) -> (out, in)
+        w = (w.double() + lora_delta(*lora) * scale).float()
         if not torch.isfinite(w).all():
             raise AprError(f"{t.name}: the merged weight has NaN or infinite values (a diverged adapter?)")
     return w
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B @ A (out, r) @ (r, in) -> (out, in) float64, as r elementwise outer products added in rank order.
+    A BLAS GEMM picks its summation order by CPU, so the merged bits could differ between machines; a
+    float32 x float32 product is exact in float64 and the adds are elementwise, so this is the same on every
+    machine, and the merged weight rounds to float32 once."""
+    a64, b64 = a.double(), b.double()
+    delta = b64[:, :1] * a64[:1]  # (out, 1) * (1, in) -> (out, in)
+    for r in range(1, a64.shape[0]):
+        delta += b64[:, r:r + 1] * a64[r:r + 1]
+    return delta
 
 
 # ---- writing ----

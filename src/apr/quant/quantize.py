@@ -64,10 +64,28 @@ def quantize(x: torch.Tensor, qtype: int, weights: torch.Tensor | None = None) -
     return out
 
 
+def _rowsum(v: torch.Tensor) -> torch.Tensor:
+    """(n, k) -> (n,), k a power of two, summed as a fixed pairwise tree of elementwise adds. A library
+    reduction (sum, bmm) orders its adds by the CPU's vector width and BLAS kernel, so the same weights could
+    quantize to other bytes on an AVX2 and an AVX-512 machine; elementwise adds round the same on every CPU,
+    so the bytes `apr export` writes do not depend on the machine."""
+    k = v.shape[1]
+    if k & (k - 1):
+        raise ValueError(f"_rowsum needs a power-of-two row length, got {k}")
+    while k > 1:
+        k //= 2
+        v = v[:, :k] + v[:, k:]  # (n, 2k) -> (n, k)
+    return v[:, 0]
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products (n, k) x (n, k) -> (n,): as a batched matmul, which measured ~10x faster than
-    (a * b).sum(1) over short rows."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # (n, 1, k) @ (n, k, 1) -> (n,)
+    """Row-wise dot products (n, k) x (n, k) -> (n,), in a fixed order (see _rowsum)."""
+    return _rowsum(a * b)
+
+
+def _rowmean(v: torch.Tensor) -> torch.Tensor:
+    """(n, k) -> (n, 1): the mean of each row, in a fixed order (k is a power of two: the division is exact)."""
+    return (_rowsum(v) / v.shape[1])[:, None]
 
 
 def _roundf(v: torch.Tensor) -> torch.Tensor:
@@ -107,10 +125,10 @@ def _q5_0(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         d = _signed_max(x) / -16
         q = (x * _recip(d)[:, None] + 16.5).trunc().clamp(max=31).to(torch.int32)
     else:
-        sigma2 = x.pow(2).mean(1, keepdim=True)
+        sigma2 = _rowmean(x * x)
         d, q = _qx_search(x, w * (sigma2 + x * x).sqrt(), 16)
     bit = torch.arange(32, dtype=torch.int64)
-    qh = ((q.long() >> 4) << bit).sum(1)  # distinct bits: the sum is their OR, at most 32 bits
+    qh = _rowsum((q.long() >> 4) << bit)  # distinct bits: the sum is their OR, at most 32 bits
     qh_bytes = qh.to(torch.int32).reshape(-1, 1).view(torch.uint8)  # (n, 1) int32 -> (n, 4), little-endian
     nib = q.to(torch.uint8) & 0x0F
     qs = nib[:, :16] | (nib[:, 16:] << 4)
@@ -157,7 +175,7 @@ def _q6_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     if w is None:
         gw = groups * groups  # ggml's rmse_type 1
     else:
-        sigma2 = x.pow(2).mean(1, keepdim=True).repeat_interleave(16, 0)  # (n * 16, 1)
+        sigma2 = _rowmean(x * x).repeat_interleave(16, 0)  # (n * 16, 1)
         gw = w.reshape(n * 16, 16) * (sigma2 + groups * groups).sqrt()
     scales, levels = _qx_search(groups, gw, 32)
     scales, levels = scales.reshape(n, 16), levels.reshape(n, 16, 16)
@@ -183,10 +201,10 @@ def _q4_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)  # (n, 256) -> (n * 8 sub-blocks, 32)
     if w is None:
-        sw = sub.pow(2).mean(1, keepdim=True).sqrt() + sub.abs()  # ggml: rms of the sub-block + |x|
+        sw = _rowmean(sub * sub).sqrt() + sub.abs()  # ggml: rms of the sub-block + |x|
         scales, mins, levels = _qkx_search(sub, sw, 15, -1.0, 0.1, 20)
     else:
-        sigma2 = 2 * x.pow(2).mean(1, keepdim=True).repeat_interleave(8, 0)  # (n * 8, 1)
+        sigma2 = 2 * _rowmean(x * x).repeat_interleave(8, 0)  # (n * 8, 1)
         sw = w.reshape(n * 8, 32) * (sigma2 + sub * sub).sqrt()
         scales, mins, levels = _qkx_search(sub, sw, 15, -0.9, 0.05, 36)  # a finer search, as with an imatrix
     scales, mins, levels = scales.reshape(n, 8), mins.reshape(n, 8), levels.reshape(n, 8, 32)
@@ -223,7 +241,7 @@ def _qkx_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta
     mx = x.amax(1)
     flat = mx == mn
     wx = w * x
-    sum_w, sum_x = w.sum(1), wx.sum(1)
+    sum_w, sum_x = _rowsum(w), _rowsum(wx)
 
     def levels_at(top, m):
         rng = mx - m
