@@ -88,6 +88,14 @@ def _rowmean(v: torch.Tensor) -> torch.Tensor:
     return (_rowsum(v) / v.shape[1])[:, None]
 
 
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    """The IEEE (correctly rounded) square root on every CPU. torch.sqrt on a large CPU tensor goes through
+    MKL's vector math, whose AVX-512 code path on Intel is not correctly rounded (71,881 of 10 M float32 roots
+    differed from IEEE on an AMX-class Xeon; none on its AVX2 path), so the exported bytes depended on the
+    CPU. numpy's sqrt is the hardware instruction, which IEEE 754 requires to round correctly."""
+    return torch.from_numpy(np.sqrt(v.contiguous().numpy()))
+
+
 def _roundf(v: torch.Tensor) -> torch.Tensor:
     """C's roundf (half away from zero), as ggml's Q8_0 uses; torch.round rounds half to even."""
     a = v.abs()
@@ -126,7 +134,7 @@ def _q5_0(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         q = (x * _recip(d)[:, None] + 16.5).trunc().clamp(max=31).to(torch.int32)
     else:
         sigma2 = _rowmean(x * x)
-        d, q = _qx_search(x, w * (sigma2 + x * x).sqrt(), 16)
+        d, q = _qx_search(x, w * _sqrt(sigma2 + x * x), 16)
     bit = torch.arange(32, dtype=torch.int64)
     qh = _rowsum((q.long() >> 4) << bit)  # distinct bits: the sum is their OR, at most 32 bits
     qh_bytes = qh.to(torch.int32).reshape(-1, 1).view(torch.uint8)  # (n, 1) int32 -> (n, 4), little-endian
@@ -176,7 +184,7 @@ def _q6_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         gw = groups * groups  # ggml's rmse_type 1
     else:
         sigma2 = _rowmean(x * x).repeat_interleave(16, 0)  # (n * 16, 1)
-        gw = w.reshape(n * 16, 16) * (sigma2 + groups * groups).sqrt()
+        gw = w.reshape(n * 16, 16) * _sqrt(sigma2 + groups * groups)
     scales, levels = _qx_search(groups, gw, 32)
     scales, levels = scales.reshape(n, 16), levels.reshape(n, 16, 16)
     max_scale = _signed_max(scales)
@@ -201,11 +209,11 @@ def _q4_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)  # (n, 256) -> (n * 8 sub-blocks, 32)
     if w is None:
-        sw = _rowmean(sub * sub).sqrt() + sub.abs()  # ggml: rms of the sub-block + |x|
+        sw = _sqrt(_rowmean(sub * sub)) + sub.abs()  # ggml: rms of the sub-block + |x|
         scales, mins, levels = _qkx_search(sub, sw, 15, -1.0, 0.1, 20)
     else:
         sigma2 = 2 * _rowmean(x * x).repeat_interleave(8, 0)  # (n * 8, 1)
-        sw = w.reshape(n * 8, 32) * (sigma2 + sub * sub).sqrt()
+        sw = w.reshape(n * 8, 32) * _sqrt(sigma2 + sub * sub)
         scales, mins, levels = _qkx_search(sub, sw, 15, -0.9, 0.05, 36)  # a finer search, as with an imatrix
     scales, mins, levels = scales.reshape(n, 8), mins.reshape(n, 8), levels.reshape(n, 8, 32)
     max_scale, max_min = scales.amax(1), mins.amax(1)

@@ -23,9 +23,11 @@ typedef struct {
 
 /* Each row's dot product asks for the bytes PF_BYTES further on. With only the hardware prefetcher, a
  * decode step of the 1.5B streamed its weights at 11.1 GB/s (median of 20 whole-model passes) on the 2-core
- * box that reads 14.2 GB/s; with 8 KiB ahead (4 and 16 KiB measured about the same) 12.1 GB/s. */
+ * AVX2 box that reads 14.2 GB/s; with 8 KiB ahead (4 and 16 KiB measured about the same) 12.1 GB/s. On the
+ * 2-core AMX-class Xeon (27.5 GB/s read loop), `apr bench` decode, 3 iterations, paired runs: no prefetch
+ * 7.9 tok/s (1.5B) / 19.0 (0.5B); 8 KiB 11.9 / 28.2; 16 KiB 13.6-14.0 / 32.4-33.4; 24 KiB 13.7 / 33.6. */
 #ifndef PF_BYTES
-#define PF_BYTES 8192
+#define PF_BYTES 16384
 #endif
 
 typedef float (*dot_fn)(const uint8_t *w, xrow x, int64_t K);

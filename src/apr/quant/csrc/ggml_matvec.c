@@ -127,6 +127,38 @@ static inline float dot_k(const uint8_t *w, xrow x, int64_t K, int five) {
 static float dot_q4_k(const uint8_t *w, xrow x, int64_t K) { return dot_k(w, x, K, 0); }
 static float dot_q5_k(const uint8_t *w, xrow x, int64_t K) { return dot_k(w, x, K, 1); }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+/* AVX-512: chunks c and c + 1 (acc0's and acc1's below) in one register. dpbusd takes the unsigned q (0..63)
+ * and a second dpbusd of 32s with x takes the offset off, so each int32 lane is the AVX2 path's sum of 4
+ * products (q - 32) x exactly; times its int8 scale it stays below 2^24, so the float product equals the
+ * AVX2 path's converted madd: the same FMAs on the same values, bit for bit. */
+static float dot_q6_k(const uint8_t *w, xrow x, int64_t K) {
+    const __m512i b32 = _mm512_set1_epi8(32), zero = _mm512_setzero_si512();
+    __m512i idx[4]; /* the pair (h, c) takes scales 8h + 2c .. 8h + 2c + 3, each for 4 lanes */
+    for (int i = 0; i < 4; i++)
+        idx[i] = _mm512_add_epi32(_mm512_set1_epi32(4 * i),
+                                  _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 210) {
+        const float d = f16(w + 208);
+        const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 192))));
+        for (int h = 0; h < 2; h++) {
+            __m256i q[4];
+            q6k_half(w, h, q);
+            for (int c = 0; c < 4; c += 2) {
+                const int64_t b = sb * 8 + 4 * h + c;
+                const __m512i qq = _mm512_inserti64x4(_mm512_castsi256_si512(q[c]), q[c + 1], 1);
+                const __m512i xq = _mm512_loadu_si512((const void *)(x.q + 32 * b));
+                const __m512i p = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, qq, xq), _mm512_dpbusd_epi32(zero, b32, xq));
+                const __m512 ps = _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx[2 * h + c / 2], sc));
+                acc = _mm512_fmadd_ps(ps, pair256(_mm256_set1_ps(d * x.d[b]), _mm256_set1_ps(d * x.d[b + 1])), acc);
+            }
+        }
+    }
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+    return hsum(_mm256_add_ps(_mm512_castps512_ps256(acc), hi));
+}
+#else
 static float dot_q6_k(const uint8_t *w, xrow x, int64_t K) {
     const __m256i b32 = _mm256_set1_epi8(32);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; /* two chains, as in DOT_32 */
@@ -147,6 +179,7 @@ static float dot_q6_k(const uint8_t *w, xrow x, int64_t K) {
     }
     return hsum(_mm256_add_ps(acc[0], acc[1]));
 }
+#endif
 
 static dot_fn pick(int qtype) {
     switch (qtype) {
