@@ -272,8 +272,9 @@ def test_full_disk_is_one_line(tiny, tmp_path, capsys, monkeypatch):
 def test_export_math_uses_no_machine_dependent_reduction(monkeypatch):
     """`apr export` must write the same bytes on every CPU. Library reductions (sum, mean, bmm, matmul) order
     their adds by the CPU's vector width and BLAS kernel, so the quantizer and the LoRA merge may use only
-    elementwise ops and order-free reductions (max, argmax): here every such call raises, and the bytes must
-    come out as they did before."""
+    elementwise ops and order-free reductions (max, argmax); torch's sqrt, exp and log go through MKL's vector
+    math, whose rounding depends on its code path, so they are banned too. Here every such call raises, and
+    the bytes must come out as they did before."""
     from apr.formats.gguf_write import lora_delta
 
     x = gaussian(seed=7)
@@ -283,10 +284,9 @@ def test_export_math_uses_no_machine_dependent_reduction(monkeypatch):
     want = {(q, wt is None): quantize(x, q, wt) for q in TYPES for wt in (None, cw)}
 
     def banned(*args, **kwargs):
-        raise AssertionError("a reduction whose order depends on the machine")
+        raise AssertionError("a reduction or vector-math call whose rounding depends on the machine")
 
-    # and torch's transcendental functions go through MKL's vector math on the CPU, whose rounding depends on
-    # its code path (torch.sqrt is not correctly rounded on an AMX-class Xeon's AVX-512 path)
+    # torch.sqrt is not correctly rounded on an AMX-class Xeon's AVX-512 MKL path (see quantize._sqrt)
     vml = ("sqrt", "rsqrt", "exp", "log", "pow")
     for name in ("sum", "mean", "bmm", "matmul", "mm", "einsum", "nansum", "dot", "addmm", "baddbmm") + vml:
         monkeypatch.setattr(torch, name, banned)
