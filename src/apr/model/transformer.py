@@ -30,11 +30,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.out_dtype: torch.dtype | None = None  # the linears' compute dtype (None: x's dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         # normalise in float32 whatever the compute dtype, as the reference does
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(self.out_dtype or x.dtype)
+        return (self.weight * xf).to(out_dtype or self.out_dtype or x.dtype)
 
 
 def rope_tables(cfg: ModelConfig, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,8 +260,7 @@ class Transformer(nn.Module):
         if not all_logits:
             last = torch.tensor([sum(s.n for s in segs[: i + 1]) - 1 for i in range(len(segs))])
             x = x[-1:] if len(segs) == 1 else x.index_select(0, last.to(x.device))  # (segs, dim)
-        x = self.output_norm(x)
-        logits = self.output(x).float()  # (T or segs, vocab)
+        logits = self.output.forward_float32(self.output_norm(x, out_dtype=torch.float32))  # (T or segs, vocab) float32
         if self.tap:
             self.tap(self.cfg.n_layers, "logits", logits)
         return logits

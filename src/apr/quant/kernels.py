@@ -235,11 +235,13 @@ def linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Ten
     return k4.int4_linear(x, p, bias)
 
 
-def _ggml_linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
+def _ggml_linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None,
+                 tile_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Many rows (prefill): dequantized tiles and a GEMM, whose arithmetic intensity the per-row kernel
-    cannot match. Few rows never come here: QuantLinear sends them to the native kernel (linear.fused)."""
+    cannot match. Few rows never come here: QuantLinear sends them to the native kernel (linear.fused).
+    `tile_dtype` float32 (with float32 x): a float32 GEMM whatever the CPU has (QuantLinear.forward_float32)."""
     k = x.shape[-1]
-    tile_dtype = torch.bfloat16 if native_bf16_gemm() else torch.float32
+    tile_dtype = tile_dtype or (torch.bfloat16 if native_bf16_gemm() else torch.float32)
     tile = lambda r0, r1: dequantize(p.tensors["raw"][r0:r1], p.qtype, (r1 - r0, k)).to(tile_dtype)  # noqa: E731
     return chunked_gemm(x, tile, p.rows, bias)
 

@@ -104,6 +104,19 @@ class QuantLinear(nn.Module):
             return fused([self], x)[0] if _few_rows(x) else kernels.linear(x, p, self._bias32)
         return kernels.linear(x, p, self.bias)
 
+    def forward_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> float32 (..., N) computed from float32 x, whatever the compute dtype: the output head.
+        Near-tied logits differ by less than a bf16 step (0.0625 for a logit of 8-16), so a head whose input or
+        output is rounded to bf16 makes exact ties that argmax breaks by token id. The C decode step's head is
+        float32 in and out for the same reason; this is the same head for the torch block (prefill, scoring)."""
+        p = self.prepared
+        if p is None or p.kind != "ggml" or p.dtype == torch.float32:
+            return self(x if p is None else x.to(p.dtype)).float()
+        x = x.float()
+        if _few_rows(x):
+            return _native_group([self])(x)  # the decode head's own call: (M, N) float32
+        return kernels._ggml_linear(x, p, self._bias32, torch.float32)
+
     def prepared_state(self) -> dict[str, torch.Tensor]:
         """The buffers forward needs after `materialize`, for storing in a .apr file.
 
@@ -165,15 +178,20 @@ def fused(mods: list[QuantLinear], x: torch.Tensor) -> list[torch.Tensor]:
     """[m(x) for m in mods]; in one native call when all read ggml blocks in place and x has few rows
     (decode): x is quantized once and one parallel region covers every row (q, k, v; gate, up).
     The results are then column slices of one (..., N_0 + N_1 + ...) tensor."""
-    first = mods[0]
     if not _few_rows(x) or not all(m.kind == "ggml" and m.prepared.dtype == x.dtype for m in mods):
         return [m(x) for m in mods]
-    key = tuple(map(id, mods))
+    group = _native_group(mods)
+    return list(group(x).split(group.sizes, dim=-1))
+
+
+def _native_group(mods: list[QuantLinear]) -> native.Group:
+    """The one native call over `mods`' ggml blocks, built once per set of prepared states (see _VERSION)."""
+    first, key = mods[0], tuple(map(id, mods))
     version, group = first._groups.get(key, (None, None))
-    if version != _VERSION[0]:  # built once per set of prepared states (see _VERSION)
+    if version != _VERSION[0]:
         group = native.Group([(m.raw, m.qtype, m.out_features, m._bias32) for m in mods], first.act_split)
         first._groups[key] = (_VERSION[0], group)
-    return list(group(x).split(group.sizes, dim=-1))
+    return group
 
 
 class QuantEmbedding(nn.Module):
