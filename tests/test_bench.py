@@ -61,3 +61,19 @@ def test_bench_prompt_is_exact_and_stable(tiny_qwen):
     ids = bench_prompt(tok, 300)
     assert len(ids) == 300 and ids == bench_prompt(tok, 300)
     assert not set(ids) & set(tok.stop_ids)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/uptime"), reason="process start is read from Linux /proc")
+def test_process_start_is_the_real_start():
+    """The first-token latency counts from `process_start()`: a child process must place its own start after
+    the moment the parent launched it, and not long before it reads the clock (btime, whole seconds, put it up
+    to a second early)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import time; from apr.commands.bench import process_start; "
+            "t = time.time(); print(process_start(), t)")
+    before = time.time()
+    start, now = map(float, subprocess.check_output([sys.executable, "-c", code], text=True).split())
+    assert before - 0.03 <= start <= now  # 10 ms clock ticks, plus slack

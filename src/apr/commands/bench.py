@@ -78,14 +78,18 @@ def measure(lm, prompt_tokens: int, gen_tokens: int, iterations: int, warmup: in
 
 
 def process_start() -> float:
-    """Wall-clock time this process started (Linux /proc), else now: the 'after start' of first-token latency."""
+    """Wall-clock time this process started (Linux /proc), else now: the 'after start' of first-token latency.
+
+    The start is read as an age on the boot clock: /proc/self/stat's start time (clock ticks after boot)
+    against /proc/uptime, both on that clock, to 10 ms. /proc/stat's `btime` is whole seconds, and adding the
+    ticks to it put the start up to a second too early (the fraction of a second the machine booted at)."""
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, in clock ticks after boot
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])  # seconds since boot, read now
+        return time.time() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 

@@ -99,7 +99,8 @@ def _common(p):
 
 def ray_args(p):
     g = p.add_argument_group("Ray (many machines)", "one actor per worker holds the model; items go to free "
-                             "actors, a lost worker's item is retried on another; results equal a single-process run")
+                             "actors, a lost worker's item is retried on another; results equal a single-process "
+                             "run with the same threads per process (a GEMM's sums depend on its thread count)")
     g.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
                    help="run on a Ray cluster: the head's HOST:PORT / ray://HOST:PORT, or auto (the cluster "
                         "RAY_ADDRESS names, else a new one on this machine)")

@@ -227,7 +227,7 @@ def uses_native(qtype: int, device: torch.device | str) -> bool:
 def linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W.T + b for x (..., K) in the compute dtype."""
     if p.kind == "ggml":
-        return _ggml_linear(x, p, bias)
+        return ggml_tile_linear(x, p, bias)
     if p.kind == "dense":
         return _dense_linear(x, p.tensors["weight"], bias)
     from apr.quant import kernels_int4 as k4
@@ -235,7 +235,7 @@ def linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Ten
     return k4.int4_linear(x, p, bias)
 
 
-def _ggml_linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None,
+def ggml_tile_linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None,
                  tile_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Many rows (prefill): dequantized tiles and a GEMM, whose arithmetic intensity the per-row kernel
     cannot match. Few rows never come here: QuantLinear sends them to the native kernel (linear.fused).

@@ -115,7 +115,7 @@ class QuantLinear(nn.Module):
         x = x.float()
         if _few_rows(x):
             return _native_group([self])(x)  # the decode head's own call: (M, N) float32
-        return kernels._ggml_linear(x, p, self._bias32, torch.float32)
+        return kernels.ggml_tile_linear(x, p, self._bias32, torch.float32)
 
     def prepared_state(self) -> dict[str, torch.Tensor]:
         """The buffers forward needs after `materialize`, for storing in a .apr file.
