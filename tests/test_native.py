@@ -121,6 +121,41 @@ def test_dequantize_is_bit_identical_to_the_torch_reference(qtype):
     assert torch.equal(dequantize(raw, qtype, (n, k)), ours)  # the table dispatches here on the CPU
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: Q(q).name)
+def test_bf16_dequantize_rounds_like_torch(qtype):
+    """The one-pass bf16 tile equals the float32 tile converted by torch, bit for bit (NaN where NaN)."""
+    n, k = 9, 512
+    raw = raw_matrix(qtype, n, k, seed=6).clone()
+    exact = native.dequantize(raw, qtype, k)
+    ours = native.dequantize(raw, qtype, k, torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours.view(torch.int16), exact.to(torch.bfloat16).view(torch.int16))
+    into = torch.full((n, k), 7.0, dtype=torch.bfloat16)
+    assert native.dequantize(raw, qtype, k, torch.bfloat16, out=into) is into and torch.equal(into, ours)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.dequantize(raw, qtype, k, torch.bfloat16, out=torch.empty(n, k + 1, dtype=torch.bfloat16))
+    # a NaN block scale (a damaged file) gives NaN where the float32 path does, not a finite value or an inf
+    d_at = {Q.Q6_K: 208, Q.Q4_K: 0, Q.Q5_K: 0}.get(qtype, 0)  # byte offset of the f16 scale d in a block
+    raw[0, d_at:d_at + 2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # f16 NaN, little-endian
+    nan32 = native.dequantize(raw, qtype, k).isnan()
+    assert nan32.any() and torch.equal(native.dequantize(raw, qtype, k, torch.bfloat16).isnan(), nan32)
+
+
+@pytest.mark.parametrize("tile_dtype", [torch.bfloat16, torch.float32])
+def test_tile_linear_reuses_its_buffer_without_mixing_weights(tile_dtype, monkeypatch):
+    """Prefill tiles are made into one reused buffer: several tiles per weight, then another weight, must give
+    what fresh tiles give (the old path: table.dequantize, then .to(dtype))."""
+    from apr.quant import kernels
+
+    monkeypatch.setattr(kernels, "_DEQUANT_VALUES", 128 * 256)  # 128-row tiles: 3 of them for 300 rows
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(0)).to(tile_dtype)
+    for qtype, seed in [(Q.Q4_K, 1), (Q.Q8_0, 2), (Q.Q4_K, 3)]:
+        raw = raw_matrix(qtype, 300, 256, seed=seed)
+        p = kernels.Prepared("ggml", tile_dtype, {"raw": raw}, 1, 300, "ggml", int(qtype))
+        fresh = lambda r0, r1: dequantize(raw[r0:r1], qtype, (r1 - r0, 256)).to(tile_dtype)  # noqa: E731
+        want = kernels.chunked_gemm(x, fresh, 300, None)
+        assert torch.equal(kernels.ggml_tile_linear(x, p, None, tile_dtype), want)
+
+
 @pytest.mark.parametrize("arch,qtype", [("qwen2", Q.Q5_0), ("llama", Q.Q4_K), ("qwen2", Q.Q6_K)])
 def test_c_decode_block_matches_the_torch_block(tmp_path, monkeypatch, arch, qtype):
     """The C block (apr.model.native_step) against the torch Block, teacher-forced over a prefilled cache:

@@ -159,7 +159,7 @@ def _bf16_vs_float32(path, monkeypatch, tiles: str, fault=None):
     monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: tiles == "bfloat16")  # both run on every CPU
     a, b = load_model(path, dtype="bfloat16", quiet=True), f32(path)
     if fault is not None:  # after the loads, so only A's tiles (made per call) see it
-        monkeypatch.setattr(kernels, "dequantize", fault(kernels.dequantize))
+        monkeypatch.setattr(native, "dequantize", fault(native.dequantize))
     return compare(a, b, IDS * 3, BF16_BAND)
 
 
@@ -171,16 +171,16 @@ def test_parity_float32_vs_bfloat16(calm_llama, monkeypatch, tiles):
     assert r.layers[0]["points"]["embedding"]["cosine"] > 0.9999 and r.logits["top1"] >= 0.95
 
 
-def _rows_lost(dq):
-    def tile(raw, qtype, shape):
-        w = dq(raw, qtype, shape).clone()
+def _rows_lost(dq):  # dq: apr.quant.native.dequantize, which makes every prefill tile
+    def tile(raw, qtype, cols, *args, **kwargs):
+        w = dq(raw, qtype, cols, *args, **kwargs)
         w[-2:] = 0  # a tile bound off by two rows
         return w
     return tile
 
 
 def _scaled(dq):
-    return lambda raw, qtype, shape: dq(raw, qtype, shape) * 1.01
+    return lambda raw, qtype, cols, *args, **kwargs: dq(raw, qtype, cols, *args, **kwargs) * 1.01
 
 
 @pytest.mark.parametrize("fault", [_rows_lost, _scaled])

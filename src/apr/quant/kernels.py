@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -240,10 +241,31 @@ def ggml_tile_linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None,
     """Many rows (prefill): dequantized tiles and a GEMM, whose arithmetic intensity the per-row kernel
     cannot match. Few rows never come here: QuantLinear sends them to the native kernel (linear.fused).
     `tile_dtype` float32 (with float32 x): a float32 GEMM whatever the CPU has (QuantLinear.forward_float32)."""
+    from apr.quant import native
+
     k = x.shape[-1]
     tile_dtype = tile_dtype or (torch.bfloat16 if native_bf16_gemm() else torch.float32)
-    tile = lambda r0, r1: dequantize(p.tensors["raw"][r0:r1], p.qtype, (r1 - r0, k)).to(tile_dtype)  # noqa: E731
+    raw = p.tensors["raw"]
+    reuse = not (torch.is_grad_enabled() and x.requires_grad)  # autograd keeps each tile for backward
+
+    def tile(r0: int, r1: int) -> torch.Tensor:
+        # one pass from the ggml blocks into a reused buffer: no fresh pages per tile, no float32 tile to convert
+        buf = _tile_buffer(tile_dtype, (r1 - r0) * k).view(r1 - r0, k) if reuse else None  # (n,) -> (rows, K)
+        return native.dequantize(raw[r0:r1], p.qtype, k, tile_dtype, out=buf)
+
     return chunked_gemm(x, tile, p.rows, bias)
+
+
+_tiles = threading.local()
+
+
+def _tile_buffer(dtype: torch.dtype, n: int) -> torch.Tensor:
+    """This thread's prefill tile buffer of `dtype`, at least n values (a tile is used before the next is made)."""
+    bufs = _tiles.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = bufs[dtype] = torch.empty(max(n, _DEQUANT_VALUES), dtype=dtype)
+    return buf[:n]
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

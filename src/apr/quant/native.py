@@ -128,6 +128,7 @@ def _build_and_load(isa: str) -> tuple[ctypes.CDLL | None, str]:
     p = ctypes.c_void_p
     lib.apr_decode_layer.argtypes = [p, p, ctypes.c_int64, p, p, p, p, ctypes.c_int]  # (layer, x, M, pos, slot, cos, sin, threads)
     lib.apr_dequant.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int]
+    lib.apr_dequant_bf16.argtypes = lib.apr_dequant.argtypes
     lib.apr_matmul_multi.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int64, p, ctypes.c_int, ctypes.c_int64,
                                      p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib, "ok"
@@ -231,14 +232,23 @@ def matmul(x: torch.Tensor, raw2d: torch.Tensor, qtype: int, n_out: int, bias: t
     return Group([(raw2d, qtype, n_out, bias)], split)(x)
 
 
-def dequantize(raw2d: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
+def dequantize(raw2d: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """ggml rows raw2d (N, row_bytes) uint8 on the CPU -> float32 (N, cols), bit-identical to
-    apr.quant.table.dequantize (same operations in the same order), several times faster (prefill tiles)."""
+    apr.quant.table.dequantize (same operations in the same order), several times faster (prefill tiles).
+    dtype bfloat16: those values rounded to bf16 as `.to(torch.bfloat16)` rounds them, in one pass.
+    `out`: a contiguous (N, cols) tensor of that dtype to write into (a reused prefill tile)."""
     _check_k(qtype, cols, _check_rows(raw2d, qtype, raw2d.shape[0] if raw2d.dim() == 2 else 0, None),
              "native dequantize failed")
-    out = torch.empty(raw2d.shape[0], cols, dtype=torch.float32)
-    rc = _load()[0].apr_dequant(int(qtype), raw2d.data_ptr(), raw2d.stride(0), raw2d.shape[0], cols, out.data_ptr(),
-                                torch.get_num_threads())
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"native dequantize writes float32 or bfloat16, not {dtype}")
+    if out is None:
+        out = torch.empty(raw2d.shape[0], cols, dtype=dtype)
+    elif out.dtype != dtype or tuple(out.shape) != (raw2d.shape[0], cols) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {(raw2d.shape[0], cols)}")
+    fn = _load()[0].apr_dequant_bf16 if dtype == torch.bfloat16 else _load()[0].apr_dequant
+    rc = fn(int(qtype), raw2d.data_ptr(), raw2d.stride(0), raw2d.shape[0], cols, out.data_ptr(),
+            torch.get_num_threads())
     if rc:
         raise RuntimeError(f"native dequantize failed ({rc}) for type {qtype}, K={cols}")
     return out

@@ -287,3 +287,38 @@ int apr_dequant(int qtype, const uint8_t *w, int64_t row_bytes, int64_t rows, in
     for (int64_t r = 0; r < rows; r++) dequant_row(qtype, w + r * row_bytes, K, out + r * K);
     return 0;
 }
+
+/* float32 -> bfloat16 bits, round to nearest even, NaN -> 0x7FC0: what torch's .to(torch.bfloat16) gives
+ * (c10::BFloat16), so a bf16 tile made here equals the float32 tile converted by torch, bit for bit. */
+static inline uint16_t bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* out (rows, K) bfloat16 = the dequantized ggml rows, each row made in float32 (dequant_row) and rounded
+ * once: a prefill tile without the float32 tile in memory or a second pass to convert it. */
+int apr_dequant_bf16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t K, uint16_t *out,
+                     int threads) {
+    const int64_t block = (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) ? 256 : 32;
+    if (!pick(qtype) || K % block) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *row = malloc((size_t)K * sizeof(float)); /* one row, in cache, per thread */
+        if (!row) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (!row) continue;
+            dequant_row(qtype, w + r * row_bytes, K, row);
+            uint16_t *o = out + r * K;
+            for (int64_t j = 0; j < K; j++) o[j] = bf16_rne(row[j]);
+        }
+        free(row);
+    }
+    return failed ? -2 : 0;
+}
