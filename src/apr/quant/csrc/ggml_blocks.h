@@ -77,6 +77,13 @@ static inline __m256i nibbles(const uint8_t *p) {
 
 /* 32 bits -> 32 bytes: byte i = 0 where bit i is set, else 0xF0 (-16). OR-ed onto a nibble it gives the
  * signed Q5 value q - 16 = nibble + 16 bit - 16 as int8. */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+static inline __m256i fifth_bits_minus16(const uint8_t *p) { /* the same bytes from the bits as a mask */
+    uint32_t b;
+    memcpy(&b, p, 4);
+    return _mm256_maskz_mov_epi8((__mmask32)~b, _mm256_set1_epi8((char)0xF0));
+}
+#else
 static inline __m256i fifth_bits_minus16(const uint8_t *p) {
     uint32_t b;
     memcpy(&b, p, 4);
@@ -86,6 +93,7 @@ static inline __m256i fifth_bits_minus16(const uint8_t *p) {
     __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
     return _mm256_andnot_si256(set, _mm256_set1_epi8((char)0xF0));
 }
+#endif
 
 #define ACC(p, scale, acc) _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc)
 
