@@ -144,6 +144,7 @@ def run_level(url: str, clients: int, max_tokens: int, rounds: int) -> dict:
 
 def bench_server(name: str, cmd: list[str], url: str, a) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    os.makedirs(a.log_dir, exist_ok=True)
     log = open(os.path.join(a.log_dir, f"serve-bench-{name}.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:

@@ -25,9 +25,16 @@ typedef struct {
  * decode step of the 1.5B streamed its weights at 11.1 GB/s (median of 20 whole-model passes) on the 2-core
  * AVX2 box that reads 14.2 GB/s; with 8 KiB ahead (4 and 16 KiB measured about the same) 12.1 GB/s. On the
  * 2-core AMX-class Xeon (27.5 GB/s read loop), `apr bench` decode, 3 iterations, paired runs: no prefetch
- * 7.9 tok/s (1.5B) / 19.0 (0.5B); 8 KiB 11.9 / 28.2; 16 KiB 13.6-14.0 / 32.4-33.4; 24 KiB 13.7 / 33.6. */
+ * 7.9 tok/s (1.5B) / 19.0 (0.5B); 8 KiB 11.9 / 28.2; 16 KiB 13.6-14.0 / 32.4-33.4; 24 KiB 13.7 / 33.6.
+ * Into L2 (PF_HINT T1), not L1: the L1 prefetch stalled on its few line-fill buffers (87% of the row loop's
+ * own samples sat on that instruction), while L2's queue holds more misses in flight. Same box, 0.5B, 256
+ * tokens, three alternating rounds: T0 at 16 KiB 33.8 / 33.2 / 33.9 tok/s, T1 at 64 KiB 35.0 / 35.7 / 35.5
+ * (T1 at 16 and 32 KiB in between; the 1.5B level, 14.0-14.8 either way). Not yet measured on the AVX2 class. */
 #ifndef PF_BYTES
-#define PF_BYTES 16384
+#define PF_BYTES 65536
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
 #endif
 
 typedef float (*dot_fn)(const uint8_t *w, xrow x, int64_t K);

@@ -409,7 +409,7 @@ int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const i
         const uint8_t *w = ws[j] + row * row_bytes[j];
 #if PF_BYTES > 0
         if ((row + 1) * row_bytes[j] + PF_BYTES <= Ns[j] * row_bytes[j]) /* see PF_BYTES */
-            for (int64_t o = 0; o < row_bytes[j]; o += 64) _mm_prefetch((const char *)w + PF_BYTES + o, _MM_HINT_T0);
+            for (int64_t o = 0; o < row_bytes[j]; o += 64) _mm_prefetch((const char *)w + PF_BYTES + o, PF_HINT);
 #endif
         for (int64_t m0 = 0; m0 < R; m0 += tile) { /* this weight row against int8 rows m0 .. m0 + mt - 1 */
             const int mt = R - m0 < tile ? (int)(R - m0) : tile;
