@@ -40,9 +40,9 @@ def test_bench_goes_through_the_engine(tiny_llama, home, capsys, monkeypatch):
         seen.append((len(prompt_ids), params.max_tokens, params.cache_prompt))
         return real_submit(self, prompt_ids, params)
 
-    def prefill(self, req):
-        seen.append(("prefilled", len(req.prompt_ids) - req.fed))  # the whole prompt, every iteration
-        return real_prefill(self, req)
+    def prefill(self, batch):
+        seen.extend(("prefilled", len(r.prompt_ids) - r.fed) for r in batch)  # the whole prompt, every iteration
+        return real_prefill(self, batch)
 
     monkeypatch.setattr(Engine, "submit", submit)
     monkeypatch.setattr(Engine, "_prefill", prefill)

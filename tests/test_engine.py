@@ -199,3 +199,48 @@ def test_reprepared_weights_invalidate_the_prefix_cache(tiny_qwen):
     mod.raw, mod.prepared = raw, None
     mod.materialize(torch.float32)
     assert swapped.cached_tokens == 0 and swapped.tokens == fresh.tokens
+
+
+@pytest.mark.parametrize("qtype,dtype", [(8, "bfloat16"), (12, "bfloat16"), (8, "float32")])  # Q8_0, Q4_K
+def test_batched_prefill_gives_each_prompt_its_own_logits(tiny_dir, qtype, dtype):
+    """Prompts prefilled side by side in one forward get bit for bit the logits and KV rows they get alone,
+    whatever kernel their length picks alone (the native row kernel for a few rows, tiles + GEMM for many):
+    a GEMM over everyone's rows would round each prompt otherwise."""
+    from tiny_gguf import write_tiny_gguf
+
+    from apr.quant import linear, native
+
+    if dtype != "float32" and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    lm = load_model(write_tiny_gguf(tiny_dir / f"eng-prefill-{qtype}.gguf", "qwen2", qtype), dtype=dtype,
+                    backend="cpu", quiet=True)
+    m, few = lm.model, linear.few_rows_max()
+    lens = [3, few, few + 1, 2 * native.MAX_ROWS + 5, 7]  # both sides of the crossover on every CPU class
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 200, (n,), generator=g) for n in lens]
+    m.setup_cache(256, slots=len(lens))
+    alone = torch.cat([m.step(p, [Segment(s, 0, len(p))]) for s, p in enumerate(prompts)])
+    k_alone, v_alone = m.cache.k.clone(), m.cache.v.clone()
+    m.cache.k.zero_(), m.cache.v.zero_()
+    together = m.step(torch.cat(prompts), [Segment(s, 0, len(p)) for s, p in enumerate(prompts)])
+    assert torch.equal(together, alone)
+    assert torch.equal(m.cache.k, k_alone) and torch.equal(m.cache.v, v_alone)
+
+
+def test_engine_prefills_waiting_prompts_in_one_forward(tiny_dir):
+    """Requests that arrive together are prefilled by one forward, and still give their sequential tokens."""
+    from tiny_gguf import write_tiny_gguf
+
+    from apr.quant import native
+
+    dtype = "bfloat16" if native.available() else "float32"
+    lm = load_model(write_tiny_gguf(tiny_dir / "eng-prefill-one.gguf", "qwen2", 8), dtype=dtype, backend="cpu",
+                    quiet=True)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (4, 30, 70, 11)]
+    one = Engine(lm, parallel=1)  # one prompt at a time, each prefilled alone
+    seq = [one.submit(p, SamplingParams(max_tokens=8, cache_prompt=False)).result().tokens for p in prompts]
+    eng = Engine(lm, parallel=4)
+    reqs = [eng.submit(p, SamplingParams(max_tokens=8)) for p in prompts]
+    assert [r.result().tokens for r in reqs] == seq
+    assert eng.stats()["prefill_forwards_total"] == 1

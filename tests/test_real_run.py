@@ -17,8 +17,9 @@ pytestmark = pytest.mark.real
 
 def test_fib_answer_parses_and_defines_fib():
     real_model(REAL_05B)  # pulled (or skipped outside CI) before timing the run
+    # 256 tokens: room for the answer's code block to close (at 128 one answer was cut inside its usage example)
     proc = subprocess.run([sys.executable, "-m", "apr.cli", "run", REAL_05B, "--prompt", "def fib(n):",
-                           "--max-tokens", "128", "--json"], capture_output=True, text=True, timeout=1200)
+                           "--max-tokens", "256", "--json"], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     from apr.evals.code import extract_code

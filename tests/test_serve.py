@@ -230,11 +230,9 @@ def test_a_disconnect_before_the_answer_frees_the_slot(live):
 
 @pytest.mark.real
 def test_real_model_concurrent_greedy_equals_sequential():
-    """On the 0.5B (its default dtype): 4 concurrent greedy requests give the sequential tokens, except that
-    where batched rounding flips a near-tie the server's top-2 must hold the reference token."""
+    """On the 0.5B (its default dtype): 4 concurrent greedy requests give the sequential tokens, token for
+    token: prompts prefilled together and sequences decoded together are each computed as they are alone."""
     from conftest import REAL_05B, real_model
-
-    from apr.serve.common import token_text
 
     path = real_model(REAL_05B)
     ref_lm = load_model(str(path), quiet=True)
@@ -250,12 +248,5 @@ def test_real_model_concurrent_greedy_equals_sequential():
         responses = asyncio.run(run_all())
     finally:
         server.close()
-    for ref, resp in zip(refs, responses):
-        got, entries = resp.choices[0].model_extra["token_ids"], resp.choices[0].logprobs.content
-        same = next((i for i, (a, b) in enumerate(zip(got, ref.tokens)) if a != b), None)
-        if same is None:
-            assert got == ref.tokens
-            continue
-        top2 = entries[same].top_logprobs  # diverged: only a near-tie may flip, to the reference's token
-        assert top2[1].token == token_text(ref_lm.tokenizer, ref.tokens[same]), (ref.text, resp.choices[0].message.content)
-        assert abs(top2[0].logprob - top2[1].logprob) < 0.05, (ref.text, resp.choices[0].message.content)
+    for ref, resp in zip(refs, responses):  # batched prefill and decode give every row its alone arithmetic
+        assert resp.choices[0].model_extra["token_ids"] == ref.tokens, (ref.text, resp.choices[0].message.content)

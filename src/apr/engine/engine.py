@@ -1,8 +1,9 @@
 """The engine: continuous batching over KV-cache slots. Every command generates through it.
 
 Each step (1) retires cancelled sequences, (2) admits waiting requests into free slots, reusing the longest
-cached prefix any free slot holds (the prefix cache), (3) prefills the next chunk of each admitted prompt's
-uncached rest, and (4) decodes one token for every running sequence in ONE forward (`Transformer.step`), the weights read once
+cached prefix any free slot holds (the prefix cache), (3) prefills the next chunk of every admitted prompt's
+uncached rest in one forward (each prompt's rows get the kernels and GEMM shapes they would get alone, so
+its logits are bit for bit those of a prefill on its own), and (4) decodes one token for every running sequence in ONE forward (`Transformer.step`), the weights read once
 for the whole batch; a speculating sequence adds its drafted tokens as further rows of that forward and keeps
 as many as the target agrees with (apr.engine.speculative). Requests join and leave between steps; sampling is per sequence. Which implementation
 runs a step is `Transformer.step_impl`, the one place it is decided; the engine reports it.
@@ -168,8 +169,8 @@ class Engine:
                 self._retire_cancelled()
                 self._admit()
                 prefilling = [r for r in self.running if r.fed < len(r.prompt_ids)]
-                for req in prefilling:  # one chunk each: running sequences wait at most a chunk per step
-                    self._prefill(req)
+                for batch in self._prefill_batches(prefilling):  # one chunk each per step
+                    self._prefill(batch)
                 self._decode([r for r in self.running if r not in prefilling])
             except Exception as e:  # a failed step fails its sequences, never the loop
                 msg = f"{type(e).__name__}: {e}"
@@ -241,29 +242,42 @@ class Engine:
                 self.model.setup_cache(cap, slots=self.parallel, keep=True)
             self._cache_seen = self._cache_state()
 
-    def _prefill(self, req: Request) -> None:
-        """The next chunk of `req`'s uncached prompt; after the last one, its first token is sampled."""
-        ids, a = req.prompt_ids, req.fed
-        b = min(a + PREFILL_CHUNK, len(ids))
-        echo = req.params.echo_logprobs
-        seg = [Segment(req.slot, a, b - a)]
-        self.step_impl = self.model.step_impl(seg)
-        logits = self.model.step(torch.tensor(ids[a:b], dtype=torch.long), seg, all_logits=echo)  # (n or 1, vocab)
-        req.fed = b
-        self.counters["prompt_tokens_total"] += b - a
-        if echo:
-            top = req.params.logprobs or 0
-            req.prompt_logprobs = (req.prompt_logprobs or [None]) + [
-                token_logprobs(logits[i - a], ids[i + 1], top) for i in range(a, min(b, len(ids) - 1))]
-        if b < len(ids):
-            return
+    @staticmethod
+    def _prefill_batches(reqs: list[Request]) -> list[list[Request]]:
+        """One forward for every prompt being prefilled; a prompt scoring its own tokens (echo) needs every
+        row's logits and goes alone, so the others' rows do not pay for the vocabulary head."""
+        plain = [r for r in reqs if not r.params.echo_logprobs]
+        return ([plain] if plain else []) + [[r] for r in reqs if r.params.echo_logprobs]
+
+    def _prefill(self, batch: list[Request]) -> None:
+        """The next chunk of each request's uncached prompt, in one forward; after a prompt's last chunk its
+        first token is sampled."""
+        spans = [(r.fed, min(r.fed + PREFILL_CHUNK, len(r.prompt_ids))) for r in batch]
+        segs = [Segment(r.slot, a, b - a) for r, (a, b) in zip(batch, spans)]
+        ids = [t for r, (a, b) in zip(batch, spans) for t in r.prompt_ids[a:b]]
+        echo = batch[0].params.echo_logprobs  # then the batch is this one request (_prefill_batches)
+        self.step_impl = self.model.step_impl(segs)
+        logits = self.model.step(torch.tensor(ids, dtype=torch.long), segs, all_logits=echo)  # (n, vocab) or (segs, vocab)
+        self.counters["prefill_forwards_total"] += 1
+        for i, (req, (a, b)) in enumerate(zip(batch, spans)):
+            req.fed = b
+            self.counters["prompt_tokens_total"] += b - a
+            if echo:
+                top = req.params.logprobs or 0
+                req.prompt_logprobs = (req.prompt_logprobs or [None]) + [
+                    token_logprobs(logits[j - a], req.prompt_ids[j + 1], top) for j in range(a, min(b, len(req.prompt_ids) - 1))]
+            if b == len(req.prompt_ids):
+                self._prefilled(req, logits[-1] if echo else logits[i])
+
+    def _prefilled(self, req: Request, last: torch.Tensor) -> None:
+        """The prompt is in the cache: sample its first token from the last row's logits (or end at max_tokens 0)."""
         self.counters["cached_tokens_total"] += req.cached_tokens
         if req.params.max_tokens == 0:
             with self._lock:
                 self._release(req)
             req.finish("length")
             return
-        self._sample(req, logits[-1])
+        self._sample(req, last)
 
     def _decode(self, batch: list[Request]) -> None:
         """One forward for the batch: each sequence's last token, and after it the tokens it drafted (one-row
@@ -366,8 +380,8 @@ class Engine:
         tok_s = sum(n for _, n in list(w)[1:]) / span if span > 0 else 0.0
         with self._lock:
             return {**{k: self.counters[k] for k in ("requests_total", "prompt_tokens_total", "generated_tokens_total",
-                                                     "cached_tokens_total", "steps_total", "spec_drafted_total",
-                                                     "spec_accepted_total")},
+                                                     "cached_tokens_total", "steps_total", "prefill_forwards_total",
+                                                     "spec_drafted_total", "spec_accepted_total")},
                     "acceptance_rate": spec.ratio(self.counters["spec_accepted_total"], self.counters["spec_drafted_total"]),
                     "tokens_per_pass": spec.ratio(self.counters["decode_tokens_total"], self.counters["seq_passes_total"]),
                     "queue_depth": len(self.waiting), "active": len(self.running),

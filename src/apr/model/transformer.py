@@ -17,7 +17,7 @@ from torch import nn
 from apr.model.cache import KVCache
 from apr.model.config import ModelConfig
 from apr.quant import QuantEmbedding, QuantLinear
-from apr.quant.linear import fused
+from apr.quant.linear import fused, sequence_rows
 
 # A tap sees (layer index, point name, activation) at every traced point; None costs one branch.
 Tap = Callable[[int, str, torch.Tensor], None]
@@ -255,12 +255,16 @@ class Transformer(nn.Module):
             cos, sin = self.rope(slice(segs[0].pos, segs[0].pos + t))
         else:
             cos, sin = self.rope(torch.cat([torch.arange(s.pos, s.pos + s.n) for s in segs]).to(self.device))
-        for block in self.blk:
-            x = block(x, segs[0].pos, cos, sin, self.cache, self.tap, segs=segs)
+        sizes = [s.n for s in segs]
+        with sequence_rows(sizes):  # each sequence's rows get the kernels and GEMM shapes they would get alone
+            for block in self.blk:
+                x = block(x, segs[0].pos, cos, sin, self.cache, self.tap, segs=segs)
         if not all_logits:
             last = torch.tensor([sum(s.n for s in segs[: i + 1]) - 1 for i in range(len(segs))])
             x = x[-1:] if len(segs) == 1 else x.index_select(0, last.to(x.device))  # (segs, dim)
-        logits = self.output.forward_float32(self.output_norm(x, out_dtype=torch.float32))  # (T or segs, vocab) float32
+            sizes = [1] * len(segs)  # one row each, as alone
+        with sequence_rows(sizes):
+            logits = self.output.forward_float32(self.output_norm(x, out_dtype=torch.float32))  # (T or segs, vocab)
         if self.tap:
             self.tap(self.cfg.n_layers, "logits", logits)
         return logits

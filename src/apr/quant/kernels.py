@@ -49,6 +49,7 @@ scales, which group-32 int4 cannot hold without doubling K, so they stay dense b
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -237,10 +238,11 @@ def linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Ten
 
 
 def ggml_tile_linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None,
-                 tile_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     tile_dtype: torch.dtype | None = None, groups: list[int] | None = None) -> torch.Tensor:
     """Many rows (prefill): dequantized tiles and a GEMM, whose arithmetic intensity the per-row kernel
     cannot match. Few rows never come here: QuantLinear sends them to the native kernel (linear.fused).
-    `tile_dtype` float32 (with float32 x): a float32 GEMM whatever the CPU has (QuantLinear.forward_float32)."""
+    `tile_dtype` float32 (with float32 x): a float32 GEMM whatever the CPU has (QuantLinear.forward_float32).
+    `groups`: x's rows are several sequences' (see chunked_gemm)."""
     from apr.quant import native
 
     k = x.shape[-1]
@@ -253,7 +255,7 @@ def ggml_tile_linear(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None,
         buf = _tile_buffer(tile_dtype, (r1 - r0) * k).view(r1 - r0, k) if reuse else None  # (n,) -> (rows, K)
         return native.dequantize(raw[r0:r1], p.qtype, k, tile_dtype, out=buf)
 
-    return chunked_gemm(x, tile, p.rows, bias)
+    return chunked_gemm(x, tile, p.rows, bias, groups)
 
 
 _tiles = threading.local()
@@ -284,16 +286,20 @@ def native_bf16_gemm() -> bool:
 
 
 def chunked_gemm(x: torch.Tensor, tile: Callable[[int, int], torch.Tensor], n_out: int,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., K) @ W.T with W made tile by tile (rows [r0, r1) of W, dense) so no whole dense W is held."""
+                 bias: torch.Tensor | None, groups: list[int] | None = None) -> torch.Tensor:
+    """x (..., K) @ W.T with W made tile by tile (rows [r0, r1) of W, dense) so no whole dense W is held.
+    `groups`: row counts of the sequences x holds; each tile is made once and multiplied with each sequence's
+    rows on their own (a GEMM's sums depend on its row count: so each sequence's are those it gets alone)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)  # (..., K) -> (T, K)
     step = max(_TILE_ROWS, _DEQUANT_VALUES // k // _TILE_ROWS * _TILE_ROWS)
     out = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
+    ends = list(itertools.accumulate(groups or [x2.shape[0]]))
     for r0 in range(0, n_out, step):  # a few tiles per weight; each tile's GEMM does the real work
         w = tile(r0, min(n_out, r0 + step))
         xt = x2 if x2.dtype == w.dtype else x2.to(w.dtype)
-        out[:, r0 : r0 + w.shape[0]] = F.linear(xt, w)
+        for a, b in zip([0] + ends[:-1], ends):
+            out[a:b, r0 : r0 + w.shape[0]] = F.linear(xt[a:b], w)
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], n_out)  # (T, N) -> (..., N)

@@ -7,6 +7,9 @@ faithful kernel format for the ggml type (apr.quant.kernels: packed int4, or den
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,11 +101,11 @@ class QuantLinear(nn.Module):
         if p is None or p.dtype != x.dtype:
             self.materialize(x.dtype, x.device)
             p = self.prepared
-        if p.dtype == torch.float32:
-            return F.linear(x, self.weight, self.bias)  # the reference path, exactly as it always was
+        if p.dtype == torch.float32:  # the reference path, exactly as it always was (per sequence)
+            return per_sequence(x, lambda xs: F.linear(xs, self.weight, self.bias))
         if p.kind == "ggml":
-            return fused([self], x)[0] if _few_rows(x) else kernels.linear(x, p, self._bias32)
-        return kernels.linear(x, p, self.bias)
+            return _ggml([self], x)[0]
+        return per_sequence(x, lambda xs: kernels.linear(xs, p, self.bias))
 
     def forward_float32(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> float32 (..., N) computed from float32 x, whatever the compute dtype: the output head.
@@ -113,9 +116,10 @@ class QuantLinear(nn.Module):
         if p is None or p.kind != "ggml" or p.dtype == torch.float32:
             return self(x if p is None else x.to(p.dtype)).float()
         x = x.float()
-        if _few_rows(x):
+        sizes = row_groups(x)
+        if max(sizes) <= native.MAX_ROWS:  # float32 tiles: the AVX2 box's crossover holds on every class
             return _native_group([self])(x)  # the decode head's own call: (M, N) float32
-        return kernels.ggml_tile_linear(x, p, self._bias32, torch.float32)
+        return kernels.ggml_tile_linear(x, p, self._bias32, torch.float32, sizes)
 
     def prepared_state(self) -> dict[str, torch.Tensor]:
         """The buffers forward needs after `materialize`, for storing in a .apr file.
@@ -170,18 +174,81 @@ class QuantLinear(nn.Module):
                 f"qtype={type_name(self.qtype)}, bias={self.bias is not None}, kind={self.kind}")
 
 
-def _few_rows(x: torch.Tensor) -> bool:
-    return x.numel() // x.shape[-1] <= native.MAX_ROWS
+# Rows (of one sequence) up to which the native row kernel beats dequantized tiles + GEMM. native.MAX_ROWS was
+# measured with float32 tiles (AVX2 box); with bf16 GEMM hardware the tiles win from fewer rows. Whole forward,
+# AMX-class Xeon, 2 threads, kernel vs tiles (ms): 0.5B T=20 131/133, T=24 160/133, T=28 168/135; 1.5B T=20
+# 319/385, T=24 367/386, T=28 454/397.
+FEW_ROWS_BF16_GEMM = 24
+
+_rows = threading.local()
+
+
+@contextlib.contextmanager
+def sequence_rows(sizes: list[int]):
+    """The linears inside run over the rows of several sequences side by side (a batched prefill), `sizes`
+    rows each. A GEMM's sums depend on its row count, and which kernel wins depends on it too, so each
+    sequence's rows get the kernel and the GEMM shape they would get alone: a prompt prefilled beside others
+    gives bit for bit the logits it gives alone (the weights are still dequantized once for all of them)."""
+    prev = getattr(_rows, "sizes", None)
+    _rows.sizes = list(sizes)
+    try:
+        yield
+    finally:
+        _rows.sizes = prev
+
+
+def row_groups(x: torch.Tensor) -> list[int]:
+    """The sequences' row counts in x (..., K); one group of all rows outside sequence_rows, or when x's rows
+    are not those sequences' rows (the head over each sequence's last row)."""
+    t = x.numel() // x.shape[-1]
+    sizes = getattr(_rows, "sizes", None)
+    return sizes if sizes and sum(sizes) == t else [t]
+
+
+def per_sequence(x: torch.Tensor, fn) -> torch.Tensor:
+    """fn over each sequence's rows of x (..., K), joined; fn(x) itself for one sequence."""
+    sizes = row_groups(x)
+    if len(sizes) == 1:
+        return fn(x)
+    x2 = x.reshape(-1, x.shape[-1])  # (..., K) -> (T, K)
+    return torch.cat([fn(part) for part in x2.split(sizes)]).reshape(*x.shape[:-1], -1)  # (T, N) -> (..., N)
+
+
+def few_rows_max() -> int:
+    return FEW_ROWS_BF16_GEMM if kernels.native_bf16_gemm() else native.MAX_ROWS
 
 
 def fused(mods: list[QuantLinear], x: torch.Tensor) -> list[torch.Tensor]:
-    """[m(x) for m in mods]; in one native call when all read ggml blocks in place and x has few rows
-    (decode): x is quantized once and one parallel region covers every row (q, k, v; gate, up).
-    The results are then column slices of one (..., N_0 + N_1 + ...) tensor."""
-    if not _few_rows(x) or not all(m.kind == "ggml" and m.prepared.dtype == x.dtype for m in mods):
+    """[m(x) for m in mods]; for linears reading ggml blocks in place, sequences with few rows (decode, a
+    short prompt) go to one native call for all of them: x is quantized once and one parallel region covers
+    every row of every module (q, k, v; gate, up), the results column slices of one (..., N_0 + N_1 + ...)
+    tensor. Sequences with many rows get dequantized tiles and a GEMM of their own rows."""
+    if not all(m.kind == "ggml" and m.prepared.dtype == x.dtype for m in mods):
         return [m(x) for m in mods]
+    return _ggml(mods, x)
+
+
+def _ggml(mods: list[QuantLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    sizes, few = row_groups(x), few_rows_max()
+    if max(sizes) <= few:
+        group = _native_group(mods)
+        return list(group(x).split(group.sizes, dim=-1))
+    if min(sizes) > few:
+        return [kernels.ggml_tile_linear(x, m.prepared, m._bias32, groups=sizes) for m in mods]
+    x2 = x.reshape(-1, x.shape[-1])  # (..., K) -> (T, K): the few-row sequences' rows and the others'
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    spans = [(e - n, e, n <= few) for n, e in zip(sizes, ends)]
+    small = torch.cat([torch.arange(a, b) for a, b, short in spans if short])
+    large = torch.cat([torch.arange(a, b) for a, b, short in spans if not short])
     group = _native_group(mods)
-    return list(group(x).split(group.sizes, dim=-1))
+    outs = []
+    for m, y_small in zip(mods, group(x2[small]).split(group.sizes, dim=-1)):
+        y = x2.new_empty(x2.shape[0], m.out_features)  # (T, N)
+        y[small] = y_small
+        y[large] = kernels.ggml_tile_linear(x2[large], m.prepared, m._bias32,
+                                            groups=[b - a for a, b, short in spans if not short])
+        outs.append(y.reshape(*x.shape[:-1], m.out_features))  # (T, N) -> (..., N)
+    return outs
 
 
 def _native_group(mods: list[QuantLinear]) -> native.Group:

@@ -39,6 +39,18 @@ typedef struct {
 
 typedef float (*dot_fn)(const uint8_t *w, xrow x, int64_t K);
 
+/* values per block: 256 for the k-quants, 32 for the rest */
+static inline int64_t block_values(int qtype) { return (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) ? 256 : 32; }
+
+/* float32 -> bfloat16 bits, round to nearest even, NaN -> 0x7FC0: what torch's .to(torch.bfloat16) gives
+ * (c10::BFloat16), so bf16 made here (a prefill tile, a kernel's bf16 output) equals torch's, bit for bit. */
+static inline uint16_t bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 static inline float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);

@@ -215,7 +215,7 @@ static inline void store32(float *out, __m256i q, const float *scale, const floa
 }
 
 static void dequant_row(int qtype, const uint8_t *w, int64_t K, float *out) {
-    for (int64_t i = 0; i < K; i += (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) ? 256 : 32) {
+    for (int64_t i = 0; i < K; i += block_values(qtype)) {
         float s[4], o[4];
         switch (qtype) {
         case Q8_0: /* q * d */
@@ -278,31 +278,23 @@ static void dequant_row(int qtype, const uint8_t *w, int64_t K, float *out) {
     }
 }
 
+/* a type the dots know and a K of whole blocks: what both dequantizers need */
+static int dequant_ok(int qtype, int64_t K) { return pick(qtype) && K % block_values(qtype) == 0; }
+
 /* out (rows, K) float32 = the dequantized ggml rows w (rows of row_bytes bytes). Returns 0, or -1 for an
  * unsupported type or a K that is not a multiple of its block. */
 int apr_dequant(int qtype, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t K, float *out, int threads) {
-    const int64_t block = (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) ? 256 : 32;
-    if (!pick(qtype) || K % block) return -1;
+    if (!dequant_ok(qtype, K)) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) dequant_row(qtype, w + r * row_bytes, K, out + r * K);
     return 0;
-}
-
-/* float32 -> bfloat16 bits, round to nearest even, NaN -> 0x7FC0: what torch's .to(torch.bfloat16) gives
- * (c10::BFloat16), so a bf16 tile made here equals the float32 tile converted by torch, bit for bit. */
-static inline uint16_t bf16_rne(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* out (rows, K) bfloat16 = the dequantized ggml rows, each row made in float32 (dequant_row) and rounded
  * once: a prefill tile without the float32 tile in memory or a second pass to convert it. */
 int apr_dequant_bf16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t K, uint16_t *out,
                      int threads) {
-    const int64_t block = (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) ? 256 : 32;
-    if (!pick(qtype) || K % block) return -1;
+    if (!dequant_ok(qtype, K)) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {

@@ -317,13 +317,6 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
 /* xrow's dd, n16, n128 for one quantized row (see ggml_blocks.h) */
 static void widen_row(xrow x, int64_t K, float *dd, int32_t *n16, int32_t *n128) {
     for (int64_t b = 0; b < K / 32; b++)
@@ -374,9 +367,8 @@ int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const i
     if (n < 1 || n > 8) return -1;
     for (int j = 0; j < n; j++) {
         const int t = qtypes[j];
-        const int64_t block = (t == Q4_K || t == Q5_K || t == Q6_K) ? 256 : 32;
         dots[j] = apr_dot_fn(t), multis[j] = pick_multi(t);
-        if (!dots[j] || !multis[j] || K % block) return -1;
+        if (!dots[j] || !multis[j] || K % block_values(t)) return -1;
         first[j + 1] = first[j] + Ns[j];
     }
     const int64_t nb = K / 32, R = split ? 2 * M : M; /* R: the int8 rows the kernels dot */
@@ -422,7 +414,7 @@ int apr_matmul_multi(int n, const int *qtypes, const uint8_t *const *ws, const i
                 const int64_t m = (m0 + i) >> split;
                 const float v = (split ? dot[i] + dot[i + 1] : dot[i]) + (biases[j] ? biases[j][row] : 0.0f);
                 if (y_bf16)
-                    ((uint16_t *)y)[m * N + r] = f32_to_bf16(v);
+                    ((uint16_t *)y)[m * N + r] = bf16_rne(v);
                 else
                     ((float *)y)[m * N + r] = v;
             }
