@@ -8,6 +8,8 @@ faithful kernel format for the ggml type (apr.quant.kernels: packed int4, or den
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import threading
 
 import torch
@@ -117,7 +119,7 @@ class QuantLinear(nn.Module):
             return self(x if p is None else x.to(p.dtype)).float()
         x = x.float()
         sizes = row_groups(x)
-        if max(sizes) <= native.MAX_ROWS:  # float32 tiles: the AVX2 box's crossover holds on every class
+        if max(sizes) <= native.MAX_ROWS:  # float32 tiles: the crossover measured on the AVX2 box (only there)
             return _native_group([self])(x)  # the decode head's own call: (M, N) float32
         return kernels.ggml_tile_linear(x, p, self._bias32, torch.float32, sizes)
 
@@ -176,8 +178,8 @@ class QuantLinear(nn.Module):
 
 # Rows (of one sequence) up to which the native row kernel beats dequantized tiles + GEMM. native.MAX_ROWS was
 # measured with float32 tiles (AVX2 box); with bf16 GEMM hardware the tiles win from fewer rows. Whole forward,
-# AMX-class Xeon, 2 threads, kernel vs tiles (ms): 0.5B T=20 131/133, T=24 160/133, T=28 168/135; 1.5B T=20
-# 319/385, T=24 367/386, T=28 454/397.
+# benchmarks/prefill_batch.py, AMX-class Xeon, 2 threads, kernel vs tiles (ms): 0.5B T=24 162/155, T=40 243/168;
+# 1.5B T=24 418/430, T=28 489/423, T=48 750/496. 24 is the 1.5B's crossover; the 0.5B's lies a little lower.
 FEW_ROWS_BF16_GEMM = 24
 
 _rows = threading.local()
@@ -236,19 +238,26 @@ def _ggml(mods: list[QuantLinear], x: torch.Tensor) -> list[torch.Tensor]:
     if min(sizes) > few:
         return [kernels.ggml_tile_linear(x, m.prepared, m._bias32, groups=sizes) for m in mods]
     x2 = x.reshape(-1, x.shape[-1])  # (..., K) -> (T, K): the few-row sequences' rows and the others'
-    ends = torch.tensor(sizes).cumsum(0).tolist()
-    spans = [(e - n, e, n <= few) for n, e in zip(sizes, ends)]
-    small = torch.cat([torch.arange(a, b) for a, b, short in spans if short])
-    large = torch.cat([torch.arange(a, b) for a, b, short in spans if not short])
+    small, large, large_sizes = _split_rows(tuple(sizes), few)
     group = _native_group(mods)
     outs = []
     for m, y_small in zip(mods, group(x2[small]).split(group.sizes, dim=-1)):
         y = x2.new_empty(x2.shape[0], m.out_features)  # (T, N)
         y[small] = y_small
-        y[large] = kernels.ggml_tile_linear(x2[large], m.prepared, m._bias32,
-                                            groups=[b - a for a, b, short in spans if not short])
+        y[large] = kernels.ggml_tile_linear(x2[large], m.prepared, m._bias32, groups=list(large_sizes))
         outs.append(y.reshape(*x.shape[:-1], m.out_features))  # (T, N) -> (..., N)
     return outs
+
+
+@functools.lru_cache(maxsize=64)
+def _split_rows(sizes: tuple[int, ...], few: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Row indices of the sequences of at most `few` rows, of the others, and the others' sizes: made once per
+    batch shape, not once per linear (a forward asks for them at every linear of every block)."""
+    ends = list(itertools.accumulate(sizes))
+    spans = [(e - n, e, n <= few) for n, e in zip(sizes, ends)]
+    small = torch.cat([torch.arange(a, b) for a, b, short in spans if short])
+    large = torch.cat([torch.arange(a, b) for a, b, short in spans if not short])
+    return small, large, tuple(n for n in sizes if n > few)
 
 
 def _native_group(mods: list[QuantLinear]) -> native.Group:
