@@ -127,6 +127,37 @@ def test_reproduce_is_bit_for_bit_and_catches_an_edit(run, tiny_qwen, capsys):
         log.write_text(saved)
 
 
+def test_reproduce_reruns_a_distill_run_with_its_teacher(run, tiny_qwen, tmp_path, capsys):
+    """A distill run's first steps come back bit for bit with the teacher's top-k computed again; an edited
+    loss in its log is caught."""
+    from apr.train import distill, forward
+
+    corpus, _, _, _ = run
+    ls = session.LoraSpec(rank=4, alpha=8, dropout=0.1, mode="dense")
+    ds = session.DataSpec(str(corpus), seq_len=24, val_windows=2)
+    ts = TrainSpec(steps=6, batch=2, val_every=3, warmup=2, seed=5, lr=5e-3)
+    p = session.prepare(str(tiny_qwen), ls, ds, ts, True)
+    out = tmp_path / "distill"
+    out.mkdir()
+    teacher = forward.load_base(str(tiny_qwen))
+    ids, logp = distill.load_or_compute(out, teacher, str(tiny_qwen), p.train.ids, 4, 2.0, p.corpus.fingerprint, True)
+    session.run(p, ls, ts, out, distill.distill_loss(p, ids, logp, 2.0, 0.5, False), "distill", quiet=True,
+                grad_checkpoint=False, extra={"teacher": str(tiny_qwen), "teacher_sha256": teacher.sha256,
+                                              "temperature": 2.0, "kd_alpha": 0.5, "top_k": 4, "weights": "dense",
+                                              "grad_checkpoint": False})
+    (out / distill.TOPK_FILE).unlink()  # the rerun must compute the teacher again, not read the run's file
+    argv = ["finetune", str(tiny_qwen), "--reproduce", str(out), "--reproduce-steps", "4", "--data", str(corpus), "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["kind"], r["steps_compared"], r["identical"], r["max_abs_diff"]) == ("distill", 4, True, 0.0)
+    lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    next(ln for ln in lines if ln.get("step") == 3 and "loss" in ln)["loss"] += 1e-7
+    (out / "log.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+    assert main(argv) == 1
+    r = json.loads(capsys.readouterr().out)
+    assert (r["identical"], r["first_mismatch_step"]) == (False, 3)
+
+
 def test_reproduce_needs_a_finished_run(tmp_path, capsys):
     assert main(["finetune", "--reproduce", str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip().splitlines()

@@ -42,8 +42,9 @@ def setup_parser(p):
                    help="base model: registry name or .gguf path (default qwen2.5-coder-0.5b-instruct)")
     add_train_args(p, required=False)
     p.add_argument("--reproduce", metavar="RUN", default=None,
-                   help="train a finished run's first --reproduce-steps steps (default 20) again from its recorded configuration "
-                        "and seed and compare the losses with its log, bit for bit (--data: its corpus, if elsewhere)")
+                   help="train a finished finetune or distill run's first --reproduce-steps steps (default 20) again from its "
+                        "recorded configuration and seed (a distill run: with its teacher's top-k computed again) and "
+                        "compare the losses with its log, bit for bit (--data: its corpus, if elsewhere)")
     p.add_argument("--reproduce-steps", type=int, default=20, metavar="N", help="steps --reproduce compares (default 20)")
 
 

@@ -38,8 +38,8 @@ def reproduce(run: str, n: int, data: str | None, model: str | None) -> dict:
     run_dir = Path(run).expanduser()
     meta, summary, recorded = _recorded(run_dir)
     training = json.loads(meta["training"]) if isinstance(meta.get("training"), str) else meta.get("training") or {}
-    if training.get("kind") != "finetune":
-        raise AprError(f"{run_dir}: --reproduce reruns finetune runs; this one is {training.get('kind')!r}")
+    if training.get("kind") not in ("finetune", "distill"):
+        raise AprError(f"{run_dir}: --reproduce reruns finetune and distill runs; this one is {training.get('kind')!r}")
     if len(recorded) < n:
         raise AprError(f"{run_dir}: its log has {len(recorded)} training steps, fewer than the {n} to compare")
     spec = TrainSpec(**training["spec"])
@@ -63,13 +63,43 @@ def reproduce(run: str, n: int, data: str | None, model: str | None) -> dict:
         raise AprError(f"corpus {dspec.path} has fingerprint {p.corpus.fingerprint[:12]}…, the run used "
                        f"{split['corpus_fingerprint'][:12]}…")
     with tempfile.TemporaryDirectory(prefix="apr-reproduce-") as tmp:
-        again = session.run(p, lspec, spec, Path(tmp), session.lm_loss(p, gc), "finetune", grad_checkpoint=gc,
+        again = session.run(p, lspec, spec, Path(tmp), _loss(p, training, spec, gc, n), training["kind"], grad_checkpoint=gc,
                             quiet=True, stop_after=n, extra={"weights": lspec.mode, "grad_checkpoint": gc})["first_losses"][:n]
     diffs = [abs(a - b) for a, b in zip(again, recorded[:n], strict=True)]
     mismatch = next((i + 1 for i, d in enumerate(diffs) if d != 0.0), None)
     import torch
 
-    return {"run": str(run_dir), "steps_compared": len(diffs), "identical": mismatch is None,
+    return {"run": str(run_dir), "kind": training["kind"], "steps_compared": len(diffs), "identical": mismatch is None,
             "first_mismatch_step": mismatch, "max_abs_diff": max(diffs), "recorded": recorded[:n], "rerun": again,
             "seed": spec.seed, "weights": lspec.mode, "threads": torch.get_num_threads(),
             "base_sha256": p.base.sha256, "corpus_fingerprint": p.corpus.fingerprint}
+
+
+def _loss(p, training: dict, spec, gc: bool, n: int):
+    """The run's loss: cross entropy for a finetune run; for a distill run, the same KD loss against the teacher's
+    top-k computed again through the inference path, for the windows the first n steps train on (only those:
+    the other windows' entries are never read by those steps, and the whole teacher pass takes minutes)."""
+    from apr.train import session
+
+    if training["kind"] == "finetune":
+        return session.lm_loss(p, gc)
+    import torch
+
+    from apr.hub import registry_entry_for_sha256
+    from apr.train import data as D
+    from apr.train import distill, forward
+
+    entry = registry_entry_for_sha256(training["teacher_sha256"])
+    teacher_spec = entry.name if entry else training["teacher"]
+    teacher = forward.load_base(teacher_spec, quiet=True)  # memory-mapped: metadata and sha only
+    if teacher.sha256 != training["teacher_sha256"]:
+        raise AprError(f"{teacher.path} is not the teacher the run used (sha256 {training['teacher_sha256'][:12]}…)")
+    forward.check_same_vocab(teacher, p.base)
+    used = sorted({int(i) for s in range(n) for i in D.batch_indices(len(p.train.ids), spec.batch, s, spec.seed)})
+    k, tau = int(training["top_k"]), float(training["temperature"])
+    got_ids, got_logp = distill.teacher_topk(teacher_spec, p.train.ids[used], k, tau, quiet=True)
+    n_win, t = p.train.ids.shape[0], p.train.ids.shape[1] - 1
+    ids = torch.zeros(n_win, t, k, dtype=torch.int32)  # (N, T, k): only the used windows' rows are filled
+    logp = torch.full((n_win, t, k), float("nan"))  # a step reading an unfilled row would give a NaN loss
+    ids[used], logp[used] = got_ids, got_logp
+    return distill.distill_loss(p, ids, logp, tau, float(training["kd_alpha"]), gc)
