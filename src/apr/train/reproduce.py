@@ -51,11 +51,8 @@ def reproduce(run: str, n: int, data: str | None, model: str | None) -> dict:
     dspec = DataSpec(data or str(D.default_corpus_dir()), int(shape["seq_len"]), float(split["val_fraction"]),
                      int(shape["val_windows"]))
     gc = bool(training.get("grad_checkpoint", True))
-    if model is None:  # the registry model the run names by sha256, else the path it ran on
-        from apr.hub import registry_entry_for_sha256
-
-        entry = registry_entry_for_sha256(meta["base_sha256"])
-        model = entry.name if entry else summary["base"]
+    if model is None:
+        model = _by_sha256(meta["base_sha256"], summary["base"])
     p = session.prepare(model, lspec, dspec, spec, quiet=True)
     if p.base.sha256 != meta["base_sha256"]:
         raise AprError(f"{p.base.path} is not the base the run trained (sha256 {meta['base_sha256'][:12]}…)")
@@ -75,6 +72,14 @@ def reproduce(run: str, n: int, data: str | None, model: str | None) -> dict:
             "base_sha256": p.base.sha256, "corpus_fingerprint": p.corpus.fingerprint}
 
 
+def _by_sha256(sha256: str, path: str) -> str:
+    """The registry model a run names by sha256, else the path it ran on."""
+    from apr.hub import registry_entry_for_sha256
+
+    entry = registry_entry_for_sha256(sha256)
+    return entry.name if entry else path
+
+
 def _loss(p, training: dict, spec, gc: bool, n: int):
     """The run's loss: cross entropy for a finetune run; for a distill run, the same KD loss against the teacher's
     top-k computed again through the inference path, for the windows the first n steps train on (only those:
@@ -85,12 +90,10 @@ def _loss(p, training: dict, spec, gc: bool, n: int):
         return session.lm_loss(p, gc)
     import torch
 
-    from apr.hub import registry_entry_for_sha256
     from apr.train import data as D
     from apr.train import distill, forward
 
-    entry = registry_entry_for_sha256(training["teacher_sha256"])
-    teacher_spec = entry.name if entry else training["teacher"]
+    teacher_spec = _by_sha256(training["teacher_sha256"], training["teacher"])
     teacher = forward.load_base(teacher_spec, quiet=True)  # memory-mapped: metadata and sha only
     if teacher.sha256 != training["teacher_sha256"]:
         raise AprError(f"{teacher.path} is not the teacher the run used (sha256 {training['teacher_sha256'][:12]}…)")
