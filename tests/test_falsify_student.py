@@ -78,11 +78,7 @@ def students(kind, tiny_qwen, teachers, tmp_path_factory):
         (corpus / f"m{i:02d}.py").write_text(f"def f_{i}(x):\n    return x * {i} + 1\n" * 40)
     out = {}
     for name, lr in (("trained", 5e-3), ("untrained", 1e-12)):
-        run = root / name
-        _train(tiny_qwen, corpus, run, 20, lr, teacher=teacher)
-        gguf = root / f"{name}.gguf"
-        assert main(["export", str(tiny_qwen), "--lora", str(run), "--quant", "f32", "-o", str(gguf), "--quiet"]) == 0
-        out[name] = (run, gguf)
+        out[name] = (root / name, _export(tiny_qwen, corpus, root / name, teacher, 0, steps=20, lr=lr))
     return corpus, out
 
 
@@ -188,9 +184,9 @@ def test_stu006_other_provenance(kind, students, teachers, tiny_qwen, capsys, in
             assert judge(only, run_check(only, _export(tiny_qwen, corpus, tmp_path / name, other, 0), capsys)) == "FALSIFIED"
 
 
-def _export(tiny, corpus: Path, run: Path, teacher: Path | None, seed: int) -> Path:
-    """Two steps of the same recipe (from `seed`, with `teacher` or none), exported."""
-    _train(tiny, corpus, run, 2, 5e-3, seed=seed, teacher=teacher)
+def _export(tiny, corpus: Path, run: Path, teacher: Path | None, seed: int, steps: int = 2, lr: float = 5e-3) -> Path:
+    """`steps` of the recipe (from `seed`, with `teacher` or none), exported the way the real student is."""
+    _train(tiny, corpus, run, steps, lr, seed=seed, teacher=teacher)
     gguf = run.with_suffix(".gguf")
     assert main(["export", str(tiny), "--lora", str(run), "--quant", "f32", "-o", str(gguf), "--quiet"]) == 0
     return gguf
