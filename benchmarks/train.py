@@ -1,13 +1,14 @@
 """LoRA training tokens/s: `apr finetune`'s loop against transformers + peft, same configuration, in one run.
 
 Both sides train the SAME token windows (apr's tokenization of the corpus) with the same LoRA (rank, alpha,
-dropout, the seven attention/FFN projections), sequence length, batch, AdamW and learning rate, in float32
-on the CPU with the same thread count; each runs in its own process so its peak RSS is its own. The peer
-loads the same GGUF through transformers' GGUF reader (dequantized to a dense float32 model: peft has no
-on-the-fly dequantization on the CPU). apr runs in its default mode (dequantized on the fly) and, with
---modes, in its dense mode too. peft is a benchmark-only tool (`pip install peft`), never an apr dependency.
+dropout, the seven attention/FFN projections), sequence length, batch, AdamW and learning rate, on the CPU
+with the same thread count. Like against like: apr's float32 modes (dequant, dense) against peft's float32
+model; peft's bfloat16 model (adapters float32) against apr's bf16 mode where a tree has one (branch
+`train-bf16`: frozen GEMMs in bfloat16, adapters float32; not on main, see docs/training.md). Each side runs
+in its own process so its peak RSS is its own. The peer loads the same GGUF through transformers' GGUF reader (dequantized to a dense model: peft has no on-the-fly dequantization on the CPU).
+peft is a benchmark-only tool (`pip install peft`), never an apr dependency.
 
-    python benchmarks/train.py --steps 4 --seq-len 128 --batch 2
+    python benchmarks/train.py --steps 4 --seq-len 256 --batch 4 --modes dense --peer-dtypes float32,bfloat16
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 from peft import LoraConfig, get_peft_model
 p = Path(job["model"])
-m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=getattr(torch, job["dtype"]))
 m = get_peft_model(m, LoraConfig(r=job["rank"], lora_alpha=job["alpha"], lora_dropout=job["dropout"],
                                  target_modules=job["hf_targets"], task_type="CAUSAL_LM"))
 if job["grad_checkpoint"]:
@@ -110,6 +111,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grad-checkpoint", action="store_true", help="both sides recompute activations in backward")
     ap.add_argument("--modes", default="dequant", help="apr weight modes to run, comma-separated (dequant,dense)")
+    ap.add_argument("--peer-dtypes", default="float32",
+                    help="peft runs, comma-separated: float32 (the model dense in float32), bfloat16 (the model in "
+                         "bfloat16, its adapters in float32: peft's autocast_adapter_dtype, the like of apr's bf16 mode)")
     ap.add_argument("--no-peer", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -119,15 +123,17 @@ def main() -> int:
                "threads": a.threads, "rank": 8, "alpha": 16, "dropout": 0.05, "lr": 2e-4, "targets": TARGETS,
                "hf_targets": HF_TARGETS, "grad_checkpoint": a.grad_checkpoint}
         res = {m: _side(APR, {**job, "mode": m}, tmp, f"apr-{m}") for m in a.modes.split(",")}
-        peer = None if a.no_peer else _side(PEER, job, tmp, "peft")
+        peers = {} if a.no_peer else {d: _side(PEER, {**job, "dtype": d}, tmp, f"peft-{d}")
+                                      for d in a.peer_dtypes.split(",")}
     conf = {k: job[k] for k in ("steps", "batch", "seq_len", "threads", "rank", "alpha", "grad_checkpoint")}
     for m, r in res.items():
         line = {"side": f"apr ({m})", **conf, **r}
-        if peer and "tok_s" in peer and "tok_s" in r:
-            line["ratio_vs_peft"] = r["tok_s"] / peer["tok_s"]
+        for d, peer in peers.items():
+            if "tok_s" in peer and "tok_s" in r:
+                line[f"ratio_vs_peft_{d}"] = r["tok_s"] / peer["tok_s"]
         print(json.dumps(line))
-    if peer is not None:
-        print(json.dumps({"side": "transformers+peft", **conf, **peer}))
+    for d, peer in peers.items():
+        print(json.dumps({"side": f"transformers+peft ({d})", **conf, **peer}))
     return 0
 
 
