@@ -5,7 +5,8 @@ dropout, the seven attention/FFN projections), sequence length, batch, AdamW and
 with the same thread count. Like against like: apr's float32 modes (dequant, dense) against peft's float32
 model; peft's bfloat16 model (adapters float32) against apr's bf16 mode where a tree has one (branch
 `train-bf16`: frozen GEMMs in bfloat16, adapters float32; not on main, see docs/training.md). Each side runs
-in its own process so its peak RSS is its own. The peer loads the same GGUF through transformers' GGUF reader (dequantized to a dense model: peft has no on-the-fly dequantization on the CPU).
+in its own process so its peak RSS is its own. The peer loads the same GGUF through transformers' GGUF reader
+(dequantized to a dense model: peft has no on-the-fly dequantization on the CPU).
 peft is a benchmark-only tool (`pip install peft`), never an apr dependency.
 
     python benchmarks/train.py --steps 4 --seq-len 256 --batch 4 --modes dense --peer-dtypes float32,bfloat16
@@ -110,7 +111,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grad-checkpoint", action="store_true", help="both sides recompute activations in backward")
-    ap.add_argument("--modes", default="dequant", help="apr weight modes to run, comma-separated (dequant,dense)")
+    ap.add_argument("--modes", default="dequant", help="apr weight modes to run, comma-separated (dequant, dense; bf16 on branch train-bf16)")
     ap.add_argument("--peer-dtypes", default="float32",
                     help="peft runs, comma-separated: float32 (the model dense in float32), bfloat16 (the model in "
                          "bfloat16, its adapters in float32: peft's autocast_adapter_dtype, the like of apr's bf16 mode)")
