@@ -111,10 +111,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grad-checkpoint", action="store_true", help="both sides recompute activations in backward")
-    ap.add_argument("--modes", default="dequant", help="apr weight modes to run, comma-separated (dequant, dense; bf16 on branch train-bf16)")
+    ap.add_argument("--modes", default="dequant",
+                    help="apr weight modes to run, comma-separated (dequant, dense; bf16 on branch train-bf16)")
     ap.add_argument("--peer-dtypes", default="float32",
-                    help="peft runs, comma-separated: float32 (the model dense in float32), bfloat16 (the model in "
-                         "bfloat16, its adapters in float32: peft's autocast_adapter_dtype, the like of apr's bf16 mode)")
+                    help="peft runs, comma-separated: float32 (the model dense in float32), bfloat16 (the model "
+                         "in bfloat16, its adapters in float32: peft's autocast_adapter_dtype, like apr's bf16 mode)")
     ap.add_argument("--no-peer", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
