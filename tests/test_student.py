@@ -127,6 +127,34 @@ def test_reproduce_is_bit_for_bit_and_catches_an_edit(run, tiny_qwen, capsys):
         log.write_text(saved)
 
 
+def test_a_run_without_a_numerics_record_reproduces_with_version_1(run, tiny_qwen, tmp_path, capsys):
+    """Runs made before training numerics 2 (the shipped students) record none: they rerun nn.Dropout and the full
+    logits, bit for bit, and the two versions really differ, so the default is what keeps them reproducible."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    corpus, _, _, _ = run
+    losses = {}
+    for v in (1, 2):
+        ls = session.LoraSpec(rank=4, alpha=8, dropout=0.1, mode="dense", numerics=v)
+        ts = TrainSpec(steps=5, batch=2, val_every=5, warmup=2, seed=3, lr=5e-3)
+        p = session.prepare(str(tiny_qwen), ls, session.DataSpec(str(corpus), seq_len=24, val_windows=2), ts, True)
+        out = tmp_path / f"v{v}"
+        losses[v] = session.run(p, ls, ts, out, session.lm_loss(p, False, v), "finetune", quiet=True,
+                                grad_checkpoint=False, extra={"weights": "dense", "grad_checkpoint": False})["first_losses"]
+    assert losses[1][0] == pytest.approx(losses[2][0], rel=1e-5) and losses[1][1:] != losses[2][1:]
+    adapter = tmp_path / "v1" / session.ADAPTER
+    with safe_open(str(adapter), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    training = json.loads(meta["training"])
+    assert training.pop("numerics") == 1
+    save_file(tensors, str(adapter), metadata={**meta, "training": json.dumps(training, sort_keys=True)})
+    argv = ["finetune", str(tiny_qwen), "--reproduce", str(tmp_path / "v1"), "--reproduce-steps", "5",
+            "--data", str(corpus), "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["identical"] is True
+
+
 def test_reproduce_reruns_a_distill_run_with_its_teacher(run, tiny_qwen, tmp_path, capsys):
     """A distill run's first steps come back bit for bit with the teacher's top-k computed again; an edited
     loss in its log is caught."""

@@ -221,3 +221,45 @@ def test_bad_input_is_one_line(tiny_qwen, corpus, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_fused_head_cross_entropy_matches_the_full_logits(tiny_qwen):
+    """Numerics 2's chunked head + cross entropy gives version 1's losses and adapter gradients."""
+    ids = torch.randint(0, 200, (3, 41), generator=torch.Generator().manual_seed(4))
+    b = forward.load_base(str(tiny_qwen))
+    ad = lora.attach(b.model, ["attn_v", "ffn_up"], 4, 8.0, 0.0, 0, mode="dense")
+    with torch.no_grad():
+        for m in ad.values():
+            m.lora_b.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    got = {}
+    for v in (1, 2):
+        per = forward.token_losses(b.model, ids, numerics=v)  # (3, 40)
+        (per * torch.linspace(0.5, 2.0, 40)).sum().backward()  # unequal row weights reach dh * g
+        got[v] = per.detach(), [m.lora_a.grad.clone() for m in ad.values()] + [m.lora_b.grad.clone() for m in ad.values()]
+        for m in ad.values():
+            m.lora_a.grad = m.lora_b.grad = None
+    assert got[1][0].shape == got[2][0].shape == (3, 40)
+    assert torch.allclose(got[1][0], got[2][0], atol=1e-5, rtol=1e-5)
+    for g1, g2 in zip(got[1][1], got[2][1]):
+        assert g1.abs().sum() > 0 and (g1 - g2).abs().max() <= 1e-4 * g1.abs().max()  # float32 sums, reordered
+    with torch.no_grad():  # validation: no gradient is formed, same losses
+        assert torch.allclose(forward.token_losses(b.model, ids, numerics=2), got[2][0], atol=1e-6, rtol=1e-6)
+
+
+def test_dropout16_rate_scale_and_seed():
+    d = lora.Dropout16(0.05)
+    x = torch.ones(400_000)
+    torch.manual_seed(7)
+    y = d(x)
+    cut = round(0.05 * 65536)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - cut / 65536) < 4 * math.sqrt(0.05 * 0.95 / x.numel())  # 4 sigma
+    assert y.unique().tolist() == [0.0, torch.tensor(65536 / (65536 - cut)).item()]  # float32 scale
+    assert abs(y.mean().item() - 1.0) < 0.003  # inverted dropout keeps the expectation
+    torch.manual_seed(7)
+    assert torch.equal(d(x), y)  # the torch generator's seed decides the mask
+    assert not torch.equal(d(x), y)
+    d.eval()
+    assert d(x) is x
+    with pytest.raises(AprError, match="numerics"):
+        lora.attach(None, ["attn_q"], 4, 8.0, 0.1, 0, numerics=3)  # refused before the model is read

@@ -83,7 +83,7 @@ def main(args):
     lspec, dspec, tspec = specs(args)
     p = session.prepare(args.model, lspec, dspec, tspec, quiet=args.json)
     gc = not args.no_grad_checkpoint
-    summary = session.run(p, lspec, tspec, Path(args.out), session.lm_loss(p, gc), "finetune", resume=args.resume,
+    summary = session.run(p, lspec, tspec, Path(args.out), session.lm_loss(p, gc, lspec.numerics), "finetune", resume=args.resume,
                           grad_checkpoint=gc, quiet=args.json, extra={"weights": lspec.mode, "grad_checkpoint": gc})
     report(summary, args.json)
     return 0

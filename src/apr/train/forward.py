@@ -51,11 +51,54 @@ def logits(model: Transformer, ids: torch.Tensor, grad_checkpoint: bool = False)
     return model.output(hidden(model, ids, grad_checkpoint)).float()
 
 
-def token_losses(model: Transformer, windows: torch.Tensor, grad_checkpoint: bool = False) -> torch.Tensor:
+NUMERICS = 2  # the training numerics new runs record: 2 = Dropout16 + _HeadCrossEntropy; 1 = nn.Dropout + full logits
+HEAD_CHUNK = 64  # rows of logits alive at once: (64, 151936) float32 is 39 MB where the whole batch's is 622 MB
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Per-row cross entropy of the frozen head's logits, (h (N, dim), targets (N,)) -> (N,), in row chunks.
+
+    The head is frozen, so the only gradient is dL_i/dh_i = (softmax(z_i) - onehot(t_i)) @ W, and it is
+    computed in forward, chunk by chunk, while the chunk's logits are still in cache: the (N, vocab) logits,
+    their log-softmax and its gradient (three 622 MB tensors for 4 x 256 tokens of the 0.5B) never exist.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
+        from apr.train.lora import base_weight
+
+        w, bias = base_weight(head), head._bias32  # (V, dim): dequantized once for forward and gradient
+        want_grad = ctx.needs_input_grad[0]
+        losses = torch.empty(h.shape[0])
+        dh = torch.empty_like(h) if want_grad else None
+        for s in range(0, h.shape[0], HEAD_CHUNK):
+            e, t = min(s + HEAD_CHUNK, h.shape[0]), targets[s : s + HEAD_CHUNK, None]
+            z = F.linear(h[s:e], w, bias)  # (c, V)
+            lse = torch.logsumexp(z, 1, keepdim=True)  # (c, 1)
+            losses[s:e] = (lse - z.gather(1, t)).squeeze(1)
+            if want_grad:
+                z.sub_(lse).exp_().scatter_add_(1, t, torch.full(t.shape, -1.0))  # softmax - onehot
+                torch.mm(z, w, out=dh[s:e])  # (c, V) @ (V, dim) -> (c, dim)
+        ctx.save_for_backward(dh)
+        return losses
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (dh,) = ctx.saved_tensors
+        return dh * g[:, None], None, None  # (N, dim) scaled by each row's upstream gradient
+
+
+def token_losses(model: Transformer, windows: torch.Tensor, grad_checkpoint: bool = False,
+                 numerics: int = NUMERICS) -> torch.Tensor:
     """windows (B, T+1) -> next-token cross entropy per position (B, T)."""
     b, t1 = windows.shape
-    z = logits(model, windows[:, :-1], grad_checkpoint)  # (B*T, V)
-    return F.cross_entropy(z, windows[:, 1:].reshape(-1), reduction="none").view(b, t1 - 1)
+    targets = windows[:, 1:].reshape(-1)  # (B*T,)
+    if numerics == 1:
+        z = logits(model, windows[:, :-1], grad_checkpoint)  # (B*T, V)
+        return F.cross_entropy(z, targets, reduction="none").view(b, t1 - 1)
+    h = hidden(model, windows[:, :-1], grad_checkpoint)  # (B*T, dim)
+    head = getattr(model.output, "base", model.output)  # the FrozenLinear's QuantLinear
+    return _HeadCrossEntropy.apply(h, targets, head).view(b, t1 - 1)
 
 
 @dataclass

@@ -45,7 +45,7 @@ def reproduce(run: str, n: int, data: str | None, model: str | None) -> dict:
     spec = TrainSpec(**training["spec"])
     split, shape = training["split"], training["data"]
     lspec = LoraSpec(int(meta["rank"]), float(meta["alpha"]), float(meta["dropout"]), list(meta["targets"]),
-                     training.get("weights", "dense"))
+                     training.get("weights", "dense"), int(training.get("numerics", 1)))  # runs before 2 ran 1
     from apr.train import data as D
 
     dspec = DataSpec(data or str(D.default_corpus_dir()), int(shape["seq_len"]), float(split["val_fraction"]),
@@ -60,7 +60,7 @@ def reproduce(run: str, n: int, data: str | None, model: str | None) -> dict:
         raise AprError(f"corpus {dspec.path} has fingerprint {p.corpus.fingerprint[:12]}…, the run used "
                        f"{split['corpus_fingerprint'][:12]}…")
     with tempfile.TemporaryDirectory(prefix="apr-reproduce-") as tmp:
-        again = session.run(p, lspec, spec, Path(tmp), _loss(p, training, spec, gc, n), training["kind"], grad_checkpoint=gc,
+        again = session.run(p, lspec, spec, Path(tmp), _loss(p, training, spec, gc, n, lspec), training["kind"], grad_checkpoint=gc,
                             quiet=True, stop_after=n, extra={"weights": lspec.mode, "grad_checkpoint": gc})["first_losses"][:n]
     diffs = [abs(a - b) for a, b in zip(again, recorded[:n], strict=True)]
     mismatch = next((i + 1 for i, d in enumerate(diffs) if d != 0.0), None)
@@ -80,14 +80,14 @@ def _by_sha256(sha256: str, path: str) -> str:
     return entry.name if entry else path
 
 
-def _loss(p, training: dict, spec, gc: bool, n: int):
+def _loss(p, training: dict, spec, gc: bool, n: int, lspec):
     """The run's loss: cross entropy for a finetune run; for a distill run, the same KD loss against the teacher's
     top-k computed again through the inference path, for the windows the first n steps train on (only those:
     the other windows' entries are never read by those steps, and the whole teacher pass takes minutes)."""
     from apr.train import session
 
     if training["kind"] == "finetune":
-        return session.lm_loss(p, gc)
+        return session.lm_loss(p, gc, lspec.numerics)
     import torch
 
     from apr.train import data as D

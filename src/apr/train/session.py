@@ -26,6 +26,7 @@ class LoraSpec:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: DEFAULT_TARGETS.split(","))
     mode: str = "dequant"  # "dense": keep a float32 copy of every linear (see apr.train.lora)
+    numerics: int = forward.NUMERICS  # dropout and loss implementation; a reproduction uses the run's own
 
 
 @dataclass
@@ -63,16 +64,18 @@ def prepare(model_spec: str | None, lspec: LoraSpec, dspec: DataSpec, tspec: Tra
         raise AprError(f"corpus {dspec.path} is too small: {len(train.ids)} training and {len(val.ids)} validation "
                        f"window(s) of {dspec.seq_len + 1} tokens; give more text or a smaller --seq-len")
     lspec.mode = lora.resolve_mode(base.model, lspec.mode)  # the summary names the mode that ran
-    adapters = lora.attach(base.model, targets, lspec.rank, lspec.alpha, lspec.dropout, tspec.seed, lspec.mode)
+    adapters = lora.attach(base.model, targets, lspec.rank, lspec.alpha, lspec.dropout, tspec.seed, lspec.mode,
+                           lspec.numerics)
     split = {"seed": tspec.seed, "val_fraction": dspec.val_fraction, "train_files": len(train_files),
              "val_files": [f["path"] for f in val_files], "corpus_fingerprint": corpus.fingerprint,
              "licence": corpus.licence}
     return Prepared(base, corpus, train, val, adapters, split)
 
 
-def val_loss(model, windows: torch.Tensor, batch: int, grad_checkpoint: bool) -> tuple[float, float]:
+def val_loss(model, windows: torch.Tensor, batch: int, grad_checkpoint: bool,
+             numerics: int = forward.NUMERICS) -> tuple[float, float]:
     """Mean next-token loss over the validation windows, and its standard error across windows."""
-    per = torch.cat([forward.token_losses(model, windows[i : i + batch], grad_checkpoint).mean(1)
+    per = torch.cat([forward.token_losses(model, windows[i : i + batch], grad_checkpoint, numerics).mean(1)
                      for i in range(0, len(windows), batch)])  # (N,) one mean per window
     se = per.std(unbiased=True).item() / len(per) ** 0.5 if len(per) > 1 else float("nan")
     return per.mean().item(), se
@@ -86,7 +89,8 @@ def run(p: Prepared, lspec: LoraSpec, tspec: TrainSpec, out: Path, loss: Callabl
     model = p.base.model
     # the windows' shape goes with the split so a held-out evaluation can rebuild exactly this split's windows
     data = {"seq_len": int(p.train.ids.shape[1] - 1), "val_windows": len(p.val.ids)}
-    training = {"kind": kind, "spec": asdict(tspec), "split": p.split, "data": data, **(extra or {})}
+    training = {"kind": kind, "spec": asdict(tspec), "split": p.split, "data": data, "numerics": lspec.numerics,
+                **(extra or {})}
 
     def save_best(step: int, v: float) -> None:
         meta = dict(rank=lspec.rank, alpha=lspec.alpha, dropout=lspec.dropout, targets=list(lspec.targets),
@@ -99,7 +103,7 @@ def run(p: Prepared, lspec: LoraSpec, tspec: TrainSpec, out: Path, loss: Callabl
                 "lora": json.dumps({k: v for k, v in asdict(lspec).items() if k != "mode"}, sort_keys=True),
                 "seq_len": int(p.train.ids.shape[1] - 1),
                 "seed": tspec.seed, "batch": tspec.batch, "steps": tspec.steps}
-    task = Task(params=params, loss=loss, val=lambda: val_loss(model, p.val.ids, tspec.batch, grad_checkpoint),
+    task = Task(params=params, loss=loss, val=lambda: val_loss(model, p.val.ids, tspec.batch, grad_checkpoint, lspec.numerics),
                 batch_of=lambda s: D.batch_indices(len(p.train.ids), tspec.batch, s, tspec.seed),
                 save_best=save_best, identity=identity, modules=[model])
     summary = Trainer(task, tspec, out, quiet).run(resume=resume, stop_after=stop_after)
@@ -111,9 +115,9 @@ def run(p: Prepared, lspec: LoraSpec, tspec: TrainSpec, out: Path, loss: Callabl
     return summary
 
 
-def lm_loss(p: Prepared, grad_checkpoint: bool) -> Callable:
+def lm_loss(p: Prepared, grad_checkpoint: bool, numerics: int = forward.NUMERICS) -> Callable:
     """Plain next-token cross entropy on the training windows picked by the step."""
     def loss(idx: torch.Tensor):
         w = p.train.ids[idx]  # (B, T+1)
-        return forward.token_losses(p.base.model, w, grad_checkpoint).mean(), int(w[:, 1:].numel())
+        return forward.token_losses(p.base.model, w, grad_checkpoint, numerics).mean(), int(w[:, 1:].numel())
     return loss
