@@ -10,6 +10,7 @@ in its own process so its peak RSS is its own. The peer loads the same GGUF thro
 peft is a benchmark-only tool (`pip install peft`), never an apr dependency.
 
     python benchmarks/train.py --steps 4 --seq-len 256 --batch 4 --modes dense --peer-dtypes float32,bfloat16
+    python benchmarks/train.py --steps 6 --seq-len 256 --batch 4 --modes dense --numerics 2,3   # versions side by side
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ job = json.load(open(sys.argv[1]))
 torch.set_num_threads(job["threads"])
 from apr.train import forward, lora
 b = forward.load_base(job["model"])
-ad = lora.attach(b.model, job["targets"].split(","), job["rank"], job["alpha"], job["dropout"], 0, job["mode"])
+v = job["numerics"] or forward.NUMERICS
+ad = lora.attach(b.model, job["targets"].split(","), job["rank"], job["alpha"], job["dropout"], 0, job["mode"], numerics=v)
 params = [t for m in ad.values() for t in (m.lora_a, m.lora_b)]
 opt = torch.optim.AdamW(params, lr=job["lr"])
 w = torch.load(job["windows"])
@@ -38,10 +40,10 @@ times = []
 for s in range(job["steps"] + 1):  # step 0 is a warm-up, not timed
     t0 = time.perf_counter()
     x = w[s * job["batch"]:(s + 1) * job["batch"]]
-    loss = forward.token_losses(b.model, x, job["grad_checkpoint"]).mean()
+    loss = forward.token_losses(b.model, x, job["grad_checkpoint"], numerics=v).mean()
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - t0)
-print(json.dumps({"step_s": times[1:], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"numerics": v, "step_s": times[1:], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 PEER = r"""
@@ -116,6 +118,8 @@ def main() -> int:
     ap.add_argument("--peer-dtypes", default="float32",
                     help="peft runs, comma-separated: float32 (the model dense in float32), bfloat16 (the model "
                          "in bfloat16, its adapters in float32: peft's autocast_adapter_dtype, like apr's bf16 mode)")
+    ap.add_argument("--numerics", default="",
+                    help="apr training numerics versions to run, comma-separated (default: the one new runs use)")
     ap.add_argument("--no-peer", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -124,7 +128,9 @@ def main() -> int:
         job = {"model": path, "windows": str(tmp / "w.pt"), "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len,
                "threads": a.threads, "rank": 8, "alpha": 16, "dropout": 0.05, "lr": 2e-4, "targets": TARGETS,
                "hf_targets": HF_TARGETS, "grad_checkpoint": a.grad_checkpoint}
-        res = {m: _side(APR, {**job, "mode": m}, tmp, f"apr-{m}") for m in a.modes.split(",")}
+        versions = [int(v) for v in a.numerics.split(",") if v] or [0]  # 0: apr's default
+        res = {f"{m}, numerics {v or 'default'}": _side(APR, {**job, "mode": m, "numerics": v}, tmp, f"apr-{m}-{v}")
+               for m in a.modes.split(",") for v in versions}
         peers = {} if a.no_peer else {d: _side(PEER, {**job, "dtype": d}, tmp, f"peft-{d}")
                                       for d in a.peer_dtypes.split(",")}
     conf = {k: job[k] for k in ("steps", "batch", "seq_len", "threads", "rank", "alpha", "grad_checkpoint")}

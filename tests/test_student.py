@@ -155,6 +155,20 @@ def test_a_run_without_a_numerics_record_reproduces_with_version_1(run, tiny_qwe
     assert json.loads(capsys.readouterr().out)["identical"] is True
 
 
+def test_a_version_2_run_reproduces_with_version_2(run, tiny_qwen, tmp_path, capsys):
+    """A run recorded as numerics 2 (made before version 3) reruns as version 2 bit for bit, not as the default."""
+    corpus, _, _, _ = run
+    ls = session.LoraSpec(rank=4, alpha=8, dropout=0.1, mode="dense", numerics=2)
+    ts = TrainSpec(steps=5, batch=2, val_every=5, warmup=2, seed=3, lr=5e-3)
+    p = session.prepare(str(tiny_qwen), ls, session.DataSpec(str(corpus), seq_len=24, val_windows=2), ts, True)
+    session.run(p, ls, ts, tmp_path / "v2", session.lm_loss(p, False, 2), "finetune", quiet=True,
+                grad_checkpoint=False, extra={"weights": "dense", "grad_checkpoint": False})
+    argv = ["finetune", str(tiny_qwen), "--reproduce", str(tmp_path / "v2"), "--reproduce-steps", "5",
+            "--data", str(corpus), "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["identical"] is True
+
+
 def test_reproduce_reruns_a_distill_run_with_its_teacher(run, tiny_qwen, tmp_path, capsys):
     """A distill run's first steps come back bit for bit with the teacher's top-k computed again; an edited
     loss in its log is caught."""

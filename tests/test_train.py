@@ -224,7 +224,8 @@ def test_bad_input_is_one_line(tiny_qwen, corpus, tmp_path, capsys):
 
 
 def test_fused_head_cross_entropy_matches_the_full_logits(tiny_qwen):
-    """Numerics 2's chunked head + cross entropy gives version 1's losses and adapter gradients."""
+    """Numerics 2's and 3's chunked head + cross entropy (and 3's addmm LoRA sum) give version 1's losses and
+    adapter gradients."""
     ids = torch.randint(0, 200, (3, 41), generator=torch.Generator().manual_seed(4))
     b = forward.load_base(str(tiny_qwen))
     ad = lora.attach(b.model, ["attn_v", "ffn_up"], 4, 8.0, 0.0, 0, mode="dense")
@@ -232,16 +233,19 @@ def test_fused_head_cross_entropy_matches_the_full_logits(tiny_qwen):
         for m in ad.values():
             m.lora_b.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
     got = {}
-    for v in (1, 2):
+    for v in (1, 2, 3):
+        for m in ad.values():
+            m.numerics = v  # the dropout is 0 here, so only the sum's form changes with the version
         per = forward.token_losses(b.model, ids, numerics=v)  # (3, 40)
         (per * torch.linspace(0.5, 2.0, 40)).sum().backward()  # unequal row weights reach dh * g
         got[v] = per.detach(), [m.lora_a.grad.clone() for m in ad.values()] + [m.lora_b.grad.clone() for m in ad.values()]
         for m in ad.values():
             m.lora_a.grad = m.lora_b.grad = None
-    assert got[1][0].shape == got[2][0].shape == (3, 40)
-    assert torch.allclose(got[1][0], got[2][0], atol=1e-5, rtol=1e-5)
-    for g1, g2 in zip(got[1][1], got[2][1]):
-        assert g1.abs().sum() > 0 and (g1 - g2).abs().max() <= 1e-4 * g1.abs().max()  # float32 sums, reordered
+    for v in (2, 3):
+        assert got[1][0].shape == got[v][0].shape == (3, 40)
+        assert torch.allclose(got[1][0], got[v][0], atol=1e-5, rtol=1e-5)
+        for g1, g2 in zip(got[1][1], got[v][1]):
+            assert g1.abs().sum() > 0 and (g1 - g2).abs().max() <= 1e-4 * g1.abs().max()  # float32 sums, reordered
     with torch.no_grad():  # validation: no gradient is formed, same losses
         assert torch.allclose(forward.token_losses(b.model, ids, numerics=2), got[2][0], atol=1e-6, rtol=1e-6)
 
@@ -262,4 +266,23 @@ def test_dropout16_rate_scale_and_seed():
     d.eval()
     assert d(x) is x
     with pytest.raises(AprError, match="numerics"):
-        lora.attach(None, ["attn_q"], 4, 8.0, 0.1, 0, numerics=3)  # refused before the model is read
+        lora.attach(None, ["attn_q"], 4, 8.0, 0.1, 0, numerics=4)  # refused before the model is read
+
+
+def test_head_chunks_of_either_size_give_the_same_losses_and_gradient(tiny_qwen):
+    """The head's chunk (64 rows in version 2, 512 in 3) changes only GEMM shapes: 150 rows in 64-row chunks
+    (three, the last short) and in one chunk agree to float32 rounding, losses and dL/dh alike."""
+    b = forward.load_base(str(tiny_qwen))
+    lora.attach(b.model, ["attn_v"], 4, 8.0, 0.0, 0, mode="dense")
+    head = b.model.output.base  # the FrozenLinear's QuantLinear, as token_losses passes it
+    h = torch.randn(150, b.model.cfg.dim, generator=torch.Generator().manual_seed(2))
+    t = torch.randint(0, 200, (150,), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for chunk in (64, 512):
+        x = h.clone().requires_grad_()
+        per = forward._HeadCrossEntropy.apply(x, t, head, chunk)
+        (per * torch.linspace(0.5, 2.0, 150)).sum().backward()
+        out[chunk] = per.detach(), x.grad
+    assert torch.allclose(out[64][0], out[512][0], atol=1e-5, rtol=1e-5)
+    assert out[64][1].abs().sum() > 0 and torch.allclose(out[64][1], out[512][1], atol=1e-6, rtol=1e-4)
+    assert forward.HEAD_CHUNK == {2: 64, 3: 512} and forward.NUMERICS == 3

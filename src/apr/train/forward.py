@@ -51,8 +51,14 @@ def logits(model: Transformer, ids: torch.Tensor, grad_checkpoint: bool = False)
     return model.output(hidden(model, ids, grad_checkpoint)).float()
 
 
-NUMERICS = 2  # the training numerics new runs record: 2 = Dropout16 + _HeadCrossEntropy; 1 = nn.Dropout + full logits
-HEAD_CHUNK = 64  # rows of logits alive at once: (64, 151936) float32 is 39 MB where the whole batch's is 622 MB
+# The training numerics new runs record. 1: nn.Dropout, full logits + F.cross_entropy. 2: Dropout16 and
+# _HeadCrossEntropy in 64-row chunks. 3: 512-row chunks and the LoRA product added by one addmm (lora.py).
+# A run is reproduced with its own version, so older ones stay here as they were.
+NUMERICS = 3
+# Rows of logits alive at once, by version: (64, 151936) float32 is 39 MB where the whole batch's is 622 MB,
+# but a 64-row GEMM against the 151936 x 896 head runs at half speed: on a 2-core Zen 4 the two head GEMMs of
+# 4 x 256 tokens take 6.9 s in 64-row chunks, 4.0 s in 256-row, 3.2-3.6 s in 512-row (311 MB).
+HEAD_CHUNK = {2: 64, 3: 512}
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -64,15 +70,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, targets: torch.Tensor, head, chunk: int) -> torch.Tensor:
         from apr.train.lora import base_weight
 
         w, bias = base_weight(head), head._bias32  # (V, dim): dequantized once for forward and gradient
         want_grad = ctx.needs_input_grad[0]
         losses = torch.empty(h.shape[0])
         dh = torch.empty_like(h) if want_grad else None
-        for s in range(0, h.shape[0], HEAD_CHUNK):
-            e, t = min(s + HEAD_CHUNK, h.shape[0]), targets[s : s + HEAD_CHUNK, None]
+        for s in range(0, h.shape[0], chunk):
+            e, t = min(s + chunk, h.shape[0]), targets[s : s + chunk, None]
             z = F.linear(h[s:e], w, bias)  # (c, V)
             lse = torch.logsumexp(z, 1, keepdim=True)  # (c, 1)
             losses[s:e] = (lse - z.gather(1, t)).squeeze(1)
@@ -85,7 +91,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (dh,) = ctx.saved_tensors
-        return dh * g[:, None], None, None  # (N, dim) scaled by each row's upstream gradient
+        return dh * g[:, None], None, None, None  # (N, dim) scaled by each row's upstream gradient
 
 
 def token_losses(model: Transformer, windows: torch.Tensor, grad_checkpoint: bool = False,
@@ -98,7 +104,7 @@ def token_losses(model: Transformer, windows: torch.Tensor, grad_checkpoint: boo
         return F.cross_entropy(z, targets, reduction="none").view(b, t1 - 1)
     h = hidden(model, windows[:, :-1], grad_checkpoint)  # (B*T, dim)
     head = getattr(model.output, "base", model.output)  # the FrozenLinear's QuantLinear
-    return _HeadCrossEntropy.apply(h, targets, head).view(b, t1 - 1)
+    return _HeadCrossEntropy.apply(h, targets, head, HEAD_CHUNK[numerics]).view(b, t1 - 1)
 
 
 @dataclass

@@ -65,7 +65,7 @@ class Dropout16(nn.Module):
     `nn.Dropout` draws one Bernoulli per element (27 ms for a (1024, 4864) mask on 2 cores, 168 masks a step);
     here one `random_` over a quarter of the elements gives the mask in 4 ms. The drop probability is p
     rounded to a multiple of 1/65536 (0.05 -> 0.0500030...) and the kept values are scaled by 1/(1 - that),
-    so E[dropout(x)] = x exactly. Numerics version 2 (`apr.train.forward.NUMERICS`); version 1 is nn.Dropout.
+    so E[dropout(x)] = x exactly. Numerics versions 2 and 3 (`apr.train.forward.NUMERICS`); version 1 is nn.Dropout.
     """
 
     def __init__(self, p: float):
@@ -87,7 +87,7 @@ class LoRALinear(FrozenLinear):
     """base(x) + (alpha / r) · B(A(dropout(x))); B starts at zero, so the output starts equal to the base's."""
 
     def __init__(self, base: QuantLinear, rank: int, alpha: float, dropout: float, gen: torch.Generator,
-                 numerics: int = 2):
+                 numerics: int = 3):
         super().__init__(base)
         self.rank, self.scale = rank, alpha / rank
         a = torch.empty(rank, base.in_features)
@@ -97,10 +97,16 @@ class LoRALinear(FrozenLinear):
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
         drop = nn.Dropout if numerics == 1 else Dropout16
         self.drop = drop(dropout) if dropout > 0 else nn.Identity()
+        self.numerics = numerics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _DequantMatmul.apply(x, self.base)
-        return y + self.scale * F.linear(F.linear(self.drop(x), self.lora_a), self.lora_b)
+        if self.numerics < 3:
+            return y + self.scale * F.linear(F.linear(self.drop(x), self.lora_a), self.lora_b)
+        # Version 3: the scale goes on the (N, r) intermediate and B's product is added by addmm's beta = 1,
+        # so no (N, out) temporaries for the scaled product and the sum exist, forward or backward.
+        u = F.linear(self.drop(x), self.lora_a).reshape(-1, self.rank) * self.scale  # (N, r)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), u, self.lora_b.t()).view(y.shape)  # (N, out) -> y's shape
 
 
 def parse_targets(text: str | list[str]) -> list[str]:
@@ -112,15 +118,15 @@ def parse_targets(text: str | list[str]) -> list[str]:
 
 
 def attach(model, targets: list[str], rank: int, alpha: float, dropout: float, seed: int,
-           mode: str = "dequant", numerics: int = 2) -> dict[str, LoRALinear]:
+           mode: str = "dequant", numerics: int = 3) -> dict[str, LoRALinear]:
     """Wrap every linear of `model` in place; returns the adapters by GGUF name (`blk.3.attn_q`).
     `numerics` picks the dropout (apr.train.forward.NUMERICS): a run is reproduced with the version it ran."""
     if rank < 1:
         raise AprError(f"--rank must be at least 1, got {rank}")
     if not 0.0 <= dropout < 1.0:
         raise AprError(f"--dropout must be in [0, 1), got {dropout}")
-    if numerics not in (1, 2):
-        raise AprError(f"training numerics version {numerics} is unknown (this apr has 1 and 2)")
+    if numerics not in (1, 2, 3):
+        raise AprError(f"training numerics version {numerics} is unknown (this apr has 1, 2 and 3)")
     targets = parse_targets(targets)
     mode = resolve_mode(model, mode)
     gen = torch.Generator().manual_seed(seed)
